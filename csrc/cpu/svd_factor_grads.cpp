@@ -1,0 +1,88 @@
+// CPU one-pass factor gradients (DESIGN §6). The batch is read by three BLAS products
+// (w = δU, δᵀt, xᵀw) plus wᵀt; the r×r cores come from factor_cores(); each output row
+// of gU/gV then gets the whole epilogue (column scale, projection and ortho core,
+// alignment targets, cast) in one parallel pass.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "cpu/cpu_common.h"
+
+namespace ssa {
+namespace {
+
+// out = acc·diag(colscale) + Y·C + beta·B (B: first k columns), cast to out_dtype.
+at::Tensor factor_epilogue(const at::Tensor& acc, const at::Tensor& colscale, const at::Tensor& Y,
+                           const at::Tensor& C, double beta, const at::Tensor& B, int64_t k,
+                           at::ScalarType out_dtype) {
+  const int64_t M = acc.size(0), R = acc.size(1);
+  auto accc = acc.contiguous();
+  auto out = out_dtype == acc.scalar_type() ? accc : at::empty({M, R}, acc.options().dtype(out_dtype));
+  auto Yc = Y.contiguous(), Cc = C.contiguous(), cs = colscale.contiguous();
+  auto Bc = k > 0 ? B.contiguous() : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "factor_epilogue_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const acc_t* ap = accc.data_ptr<acc_t>();
+    const acc_t* yp = Yc.data_ptr<acc_t>();
+    const acc_t* cp = Cc.data_ptr<acc_t>();
+    const acc_t* sp = cs.data_ptr<acc_t>();
+    const acc_t* bp = k > 0 ? Bc.data_ptr<acc_t>() : nullptr;
+    const acc_t bt = static_cast<acc_t>(beta);
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, M, cpu::row_grain(R * R), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> row(R);
+      for (int64_t i = begin; i < end; ++i) {
+        const acc_t* ai = ap + i * R;
+        const acc_t* yi = yp + i * R;
+        for (int64_t j = 0; j < R; ++j) row[j] = ai[j] * sp[j];
+        for (int64_t l = 0; l < R; ++l) {
+          const acc_t y = yi[l];
+          const acc_t* cl = cp + l * R;
+          for (int64_t j = 0; j < R; ++j) row[j] += y * cl[j];
+        }
+        if (bp != nullptr) {
+          const acc_t* bi = bp + i * k;
+          for (int64_t j = 0; j < k; ++j) row[j] += bt * bi[j];
+        }
+        scalar_t* oi = op + i * R;
+        for (int64_t j = 0; j < R; ++j) oi[j] = static_cast<scalar_t>(row[j]);
+      }
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_cpu(
+    const at::Tensor& x, const at::Tensor& t, const at::Tensor& delta, const at::Tensor& U,
+    const at::Tensor& s, const at::Tensor& V, const std::optional<at::Tensor>& BU,
+    const std::optional<at::Tensor>& BS, const std::optional<at::Tensor>& BV, double ce,
+    double align, double ortho, double hoyer, double hoyer_eps, c10::string_view scaling,
+    c10::string_view projection, double eps) {
+  check_svd_factor_grads(x, t, delta, U, s, V, BU, BS, BV, align);
+  const auto proj = parse_projection(projection);
+  const auto scale = parse_scaling(scaling);
+  const auto acc = acc_type(x.scalar_type());
+  auto xa = x.to(acc), da = delta.to(acc), ta = t.to(acc), Ua = U.to(acc), Va = V.to(acc);
+  auto w = at::mm(da, Ua);        // p×r
+  auto wt = at::mm(w.t(), ta);    // r×r
+  auto cores = factor_cores(Ua, s, Va, wt, BU, BS, BV, ce, align, ortho, hoyer, hoyer_eps, scale,
+                            proj, eps);
+  const auto pt = U.scalar_type();
+  auto gU = factor_epilogue(at::mm(da.t(), ta), cores.colscale, Ua, cores.CU, cores.beta,
+                            cores.BU, cores.k, pt);
+  auto gV = factor_epilogue(at::mm(xa.t(), w), cores.colscale, Va, cores.CV, cores.beta,
+                            cores.BV, cores.k, pt);
+  auto gb = da.sum(0).mul_(ce).to(pt);
+  return {gU, cores.gs.to(pt), gV, gb};
+}
+
+TORCH_LIBRARY_IMPL(ssa_kernels, CPU, m) {
+  m.impl("svd_factor_grads_native", TORCH_FN(svd_factor_grads_cpu));
+}
+
+}  // namespace ssa

@@ -1,0 +1,121 @@
+// Shared declarations of the ssa_kernels C++/CUDA implementations.
+//
+// The op schemas are defined in Python (ssa_kernels/_ops.py); this library only
+// registers implementations with TORCH_LIBRARY_IMPL(ssa_kernels, CPU|CUDA, m).
+// Formulas: DESIGN.md §3 (forward), §5 (DFA projection), §6 (factor gradients).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/macros/Macros.h>
+#include <c10/util/string_view.h>
+
+#include <cmath>
+#include <optional>
+#include <tuple>
+
+namespace ssa {
+
+// ----------------------------------------------------------------- activations
+enum class Act : int { None = 0, Relu = 1, LeakyRelu = 2, Tanh = 3, Sigmoid = 4 };
+
+Act parse_activation(c10::string_view name);
+
+// h = f(a)
+template <typename T>
+C10_HOST_DEVICE inline T act_forward(T a, Act act, T slope) {
+  switch (act) {
+    case Act::Relu:
+      return a > T(0) ? a : T(0);
+    case Act::LeakyRelu:
+      return a > T(0) ? a : a * slope;
+    case Act::Tanh:
+      return ::tanh(a);
+    case Act::Sigmoid:
+      return T(1) / (T(1) + ::exp(-a));
+    default:
+      return a;
+  }
+}
+
+// f'(a) read from h = f(a) (needs slope >= 0 for leaky_relu).
+template <typename T>
+C10_HOST_DEVICE inline T act_grad_from_output(T h, Act act, T slope) {
+  switch (act) {
+    case Act::Relu:
+      return h > T(0) ? T(1) : T(0);
+    case Act::LeakyRelu:
+      return h > T(0) ? T(1) : slope;
+    case Act::Tanh:
+      return T(1) - h * h;
+    case Act::Sigmoid:
+      return h * (T(1) - h);
+    default:
+      return T(1);
+  }
+}
+
+// Norm floor of the cosine term (reference.COS_NORM_EPS).
+constexpr double kCosNormEps = 1e-12;
+
+// ---------------------------------------------------------- factor-grad options
+enum class Projection : int { Stiefel = 0, Paper = 1, None = 2 };
+enum class Scaling : int { Euclidean = 0, Inverse = 1 };
+
+Projection parse_projection(c10::string_view name);
+Scaling parse_scaling(c10::string_view name);
+
+// The r×r cores of DESIGN §6 (see ssa_kernels/_cores.py for the derivation):
+//   gU = (δᵀt) diag(colscale) + U·CU + beta·BU     gV = (xᵀw) diag(colscale) + V·CV + beta·BV
+// BU/BV hold the k aligned columns (undefined when k == 0). All tensors in wt's dtype.
+struct FactorCores {
+  at::Tensor colscale, CU, CV, gs, BU, BV;
+  double beta = 0.0;
+  int64_t k = 0;
+};
+
+FactorCores factor_cores(const at::Tensor& U, const at::Tensor& s, const at::Tensor& V,
+                         const at::Tensor& wt, const std::optional<at::Tensor>& BU,
+                         const std::optional<at::Tensor>& BS,
+                         const std::optional<at::Tensor>& BV, double ce, double align,
+                         double ortho, double hoyer, double hoyer_eps, Scaling scaling,
+                         Projection projection, double eps);
+
+// Accumulation dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64.
+inline at::ScalarType acc_type(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// -------------------------------------------------------------- argument checks
+// Shapes/dtypes/devices only (no host sync); the Python wrappers give the friendly
+// messages, these guard direct torch.ops calls.
+void check_lowrank_linear(const at::Tensor& x, const at::Tensor& U, const at::Tensor& s,
+                          const at::Tensor& V, const std::optional<at::Tensor>& bias);
+void check_dfa_project(const at::Tensor& e, const at::Tensor& P, const at::Tensor& sigma,
+                       const at::Tensor& Q, const at::Tensor& h,
+                       const std::optional<at::Tensor>& a, double cos);
+void check_svd_factor_grads(const at::Tensor& x, const at::Tensor& t, const at::Tensor& delta,
+                            const at::Tensor& U, const at::Tensor& s, const at::Tensor& V,
+                            const std::optional<at::Tensor>& BU,
+                            const std::optional<at::Tensor>& BS,
+                            const std::optional<at::Tensor>& BV, double align);
+
+// ------------------------------------------------------------------ CPU kernels
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_cpu(const at::Tensor& x, const at::Tensor& U,
+                                                      const at::Tensor& s, const at::Tensor& V,
+                                                      const std::optional<at::Tensor>& bias,
+                                                      c10::string_view activation,
+                                                      double negative_slope);
+
+at::Tensor dfa_project_cpu(const at::Tensor& e, const at::Tensor& P, const at::Tensor& sigma,
+                           const at::Tensor& Q, const at::Tensor& h,
+                           const std::optional<at::Tensor>& a, c10::string_view activation,
+                           double negative_slope, double cos);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_cpu(
+    const at::Tensor& x, const at::Tensor& t, const at::Tensor& delta, const at::Tensor& U,
+    const at::Tensor& s, const at::Tensor& V, const std::optional<at::Tensor>& BU,
+    const std::optional<at::Tensor>& BS, const std::optional<at::Tensor>& BV, double ce,
+    double align, double ortho, double hoyer, double hoyer_eps, c10::string_view scaling,
+    c10::string_view projection, double eps);
+
+}  // namespace ssa
