@@ -16,8 +16,8 @@ Never decided by ``torch.cuda.is_available()``: a GPU-less machine builds GPU wh
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
-import re
 import shutil
 import sys
 
@@ -27,60 +27,20 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 NO_EXT = os.environ.get("SSA_KERNELS_NO_EXT", "0") == "1"
 
 
-def _flag(name: str) -> bool | None:
-    value = os.environ.get(name)
-    if value is None or value == "":
-        return None
-    return value.lower() not in ("0", "false", "no", "off")
-
-
-def _toolkit(path: str | None) -> str | None:
-    if path and os.path.exists(os.path.join(path, "include", "cuda_runtime.h")):
-        return path
-    return None
-
-
-def _resolve_cuda_home() -> str | None:
-    """CUDA_HOME, or the toolkit behind the ``nvcc`` on PATH (which may be a wrapper script)."""
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            return os.environ[var]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        real = os.path.realpath(nvcc)
-        found = _toolkit(os.path.dirname(os.path.dirname(real)))
-        if found:
-            return found
-        try:
-            with open(real, errors="ignore") as f:
-                text = f.read(4096)
-        except OSError:
-            text = ""
-        for target in re.findall(r"(/\S+)/bin/nvcc", text):
-            found = _toolkit(target)
-            if found:
-                return found
-    return _toolkit("/usr/local/cuda")
-
-
-def _nvidia_include_dirs() -> list[str]:
-    """Headers of the pip CUDA wheels (cuBLAS, cuSPARSE, …) that torch's headers include."""
-    dirs = []
-    for entry in sys.path:
-        for pattern in ("nvidia/cu*/include", "nvidia/*/include"):
-            dirs += sorted(glob.glob(os.path.join(entry, pattern)))
-    seen, out = set(), []
-    for d in dirs:
-        if d not in seen and os.path.isdir(d):
-            seen.add(d)
-            out.append(d)
-    return out
+def _cuda_env():
+    """tools/cuda_env.py, loaded by path (an isolated or PEP 517 build has no ROOT on sys.path)."""
+    spec = importlib.util.spec_from_file_location("_ssa_cuda_env",
+                                                  os.path.join(ROOT, "tools", "cuda_env.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _extensions():
     if NO_EXT:
         return [], {}
-    cuda_home = _resolve_cuda_home()
+    cuda_env = _cuda_env()
+    cuda_home = cuda_env.resolve_cuda_home()
     if cuda_home:
         os.environ.setdefault("CUDA_HOME", cuda_home)
     try:
@@ -94,12 +54,7 @@ def _extensions():
             "(plain `pip install .` builds in an isolated environment without your torch), or "
             "set SSA_KERNELS_NO_EXT=1 for a pure-Python install.")
 
-    force = _flag("FORCE_CUDA")
-    if force is None:
-        with_cuda = bool(os.environ.get("TORCH_CUDA_ARCH_LIST")) or bool(
-            torch.version.cuda and cuda_home)
-    else:
-        with_cuda = force
+    with_cuda = cuda_env.builds_cuda()
     if with_cuda and not torch.version.cuda:
         sys.exit("ssa: CUDA kernels requested but this torch is a CPU build "
                  f"({torch.__version__}); set FORCE_CUDA=0 or install a CUDA build of torch.")
@@ -117,7 +72,7 @@ def _extensions():
     if with_cuda:
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         define_macros.append(("SSA_WITH_CUDA", "1"))
-        include_dirs += _nvidia_include_dirs()
+        include_dirs += cuda_env.nvidia_include_dirs()
         nvcc = opt + ["--expt-relaxed-constexpr", "-lineinfo"]
         ext = CUDAExtension(
             "ssa_kernels._C", sources, include_dirs=include_dirs, define_macros=define_macros,

@@ -49,9 +49,12 @@ def triton_module():
     """``ssa_kernels.triton`` (importing it registers the Triton ops), or ``None``."""
     if "triton" not in _state:
         try:
-            _state["triton"] = importlib.import_module("ssa_kernels.triton")
+            module = importlib.import_module("ssa_kernels.triton")
+            for op in _ops.SCHEMAS:
+                _ops.get(op, "triton")  # AttributeError if the module did not register it
+            _state["triton"] = module
             _state["triton_error"] = None
-        except ImportError as err:  # triton not installed, or too old
+        except (ImportError, AttributeError) as err:  # triton missing or too old
             _state["triton"] = None
             _state["triton_error"] = f"{type(err).__name__}: {err}"
     return _state["triton"]

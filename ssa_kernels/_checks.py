@@ -99,13 +99,18 @@ def finite(fn: str, **tensors) -> None:
             raise ValueError(f"{fn}: {name} contains NaN or inf (debug mode)")
 
 
-def factors(fn: str, U, s, V, n: int | None = None):
-    """``U (m×r), s (r), V (n×r)`` with ``1 <= r <= min(m, n)``; returns ``(m, r, n)``."""
+def factors(fn: str, U, s, V, n: int | None = None, anchor: tuple[str, Tensor] | None = None):
+    """``U (m×r), s (r), V (n×r)`` with ``1 <= r <= min(m, n)``; returns ``(m, r, n)``.
+
+    Device and dtype are compared with ``anchor`` (the op's first input), else with ``U``.
+    """
     tensor(fn, "U", U, ndim=2)
     tensor(fn, "s", s, ndim=1)
     tensor(fn, "V", V, ndim=2)
-    same(fn, "U", U, "s", s)
-    same(fn, "U", U, "V", V)
+    name, ref = anchor if anchor is not None else ("U", U)
+    for other, value in (("U", U), ("s", s), ("V", V)):
+        if value is not ref:
+            same(fn, name, ref, other, value)
     m, r = U.shape
     if n is not None:
         size(fn, "V", V, 0, n, "n, the number of input features")
@@ -121,8 +126,7 @@ def factors(fn: str, U, s, V, n: int | None = None):
 def lowrank_linear(x, U, s, V, bias):
     fn = "ssa_kernels.lowrank_linear"
     tensor(fn, "x", x, min_ndim=1)
-    m, r, n = factors(fn, U, s, V, n=x.shape[-1] if x.dim() else None)
-    same(fn, "x", x, "U", U)
+    m, r, n = factors(fn, U, s, V, n=x.shape[-1] if x.dim() else None, anchor=("x", x))
     if bias is not None:
         tensor(fn, "bias", bias, ndim=1)
         same(fn, "x", x, "bias", bias)
@@ -160,8 +164,7 @@ def svd_factor_grads(x, t, delta, U, s, V, BU, BS, BV, align):
     tensor(fn, "x", x, ndim=2)
     tensor(fn, "t", t, ndim=2)
     tensor(fn, "delta", delta, ndim=2)
-    m, r, n = factors(fn, U, s, V, n=x.shape[1])
-    same(fn, "x", x, "U", U)
+    m, r, n = factors(fn, U, s, V, n=x.shape[1], anchor=("x", x))
     same(fn, "x", x, "delta", delta)
     same(fn, "x", x, "t", t, dtype=False)
     if t.dtype not in (x.dtype, acc_dtype(x.dtype)):

@@ -42,6 +42,13 @@ at::Tensor dfa_project_cpu(const at::Tensor& e, const at::Tensor& P, const at::T
           const acc_t* dhi = dhp + i * d;
           const scalar_t* hi = hp + i * d * hw;
           scalar_t* oi = op + i * d * hw;
+          if (app == nullptr && hw == 1) {
+            for (int64_t c = 0; c < d; ++c) {
+              const acc_t hv = static_cast<acc_t>(hi[c]);
+              oi[c] = static_cast<scalar_t>(dhi[c] * act_grad_from_output(hv, A.value, slope));
+            }
+            continue;
+          }
           if (app == nullptr) {
             for (int64_t c = 0; c < d; ++c) {
               const acc_t g = dhi[c];

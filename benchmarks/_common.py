@@ -1,0 +1,109 @@
+"""Shared benchmark helpers: providers, timing with sync, FLOP/byte formulas, peak memory."""
+
+from __future__ import annotations
+
+import functools
+import platform
+
+import torch
+
+import ssa_kernels
+from ssa_kernels import reference as ref
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def providers(dev: str) -> list[str]:
+    out = ["reference", "reference-compiled"]
+    out += [b for b in ssa_kernels.available_backends(dev)
+            if b != "reference" and not (b == "triton" and dev == "cpu")]
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    return torch.compile(fn, dynamic=False)
+
+
+def device_name(dev: str) -> str:
+    if dev == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "cpu"
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
+           "threads": torch.get_num_threads()}
+    try:
+        import triton
+
+        out["triton"] = triton.__version__
+    except ImportError:
+        out["triton"] = None
+    return out
+
+
+def cpu_peak_bytes(fn) -> int:
+    """Peak bytes allocated by ``fn`` on the CPU, from the profiler's memory events.
+
+    (tracemalloc does not see tensor storage; DESIGN §10.) Events are replayed in time
+    order, each op counting its own allocations and frees.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted(prof.events(), key=lambda e: e.time_range.start)
+    cur = peak = 0
+    for e in events:
+        cur += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
+        peak = max(peak, cur)
+    return peak
+
+
+def peak_bytes(fn, dev: str) -> int:
+    if dev == "cuda":
+        sync(dev)
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        sync(dev)
+        return torch.cuda.max_memory_allocated() - base
+    return cpu_peak_bytes(fn)
+
+
+def run(benchmark, fn, dev: str, flops: float, nbytes: float, **info) -> None:
+    """Time ``fn`` (synchronised), then record the roofline figures in ``extra_info``."""
+    def timed():
+        out = fn()
+        sync(dev)
+        return out
+
+    for _ in range(2):  # warm-up: compilation, autotuning, allocator
+        timed()
+    benchmark.pedantic(timed, rounds=10 if dev == "cuda" else 5, iterations=1, warmup_rounds=1)
+    mean = benchmark.stats.stats.mean
+    benchmark.extra_info.update(
+        flops=flops, bytes=nbytes, gflops_per_s=flops / mean / 1e9, gbytes_per_s=nbytes / mean / 1e9,
+        peak_bytes=peak_bytes(fn, dev), device=device_name(dev), **versions(), **info)
+
+
+def elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+__all__ = ["ref"]

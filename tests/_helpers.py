@@ -1,0 +1,123 @@
+"""Shared test helpers: backends per device, inputs, tolerances (one per dtype)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import ssa_kernels
+from ssa_kernels import reference as ref
+
+ACTIVATIONS = ("none", "relu", "leaky_relu", "tanh", "sigmoid")
+PROJECTIONS = ("stiefel", "paper", "none")
+SCALINGS = ("euclidean", "inverse")
+
+# Odd and tail shapes (issue: batch 1, 7, 129; n, m in 1, 5, 33, 257; r = 1 and min(m, n)).
+BATCHES = (1, 7, 129)
+WIDTHS = (1, 5, 33, 257)
+
+
+def shape_grid():
+    out = []
+    for p in BATCHES:
+        for n in WIDTHS:
+            for m in WIDTHS:
+                for r in sorted({1, min(m, n)}):
+                    out.append((p, n, m, r))
+    return out
+
+
+# A representative few for the Triton interpreter (slow on the CPU).
+INTERPRETER_SHAPES = [(1, 5, 33, 5), (7, 33, 5, 1), (129, 33, 33, 33), (7, 257, 5, 5),
+                      (7, 1, 257, 1)]
+
+
+def devices():
+    out = ["cpu"]
+    if torch.cuda.is_available():
+        out.append("cuda")
+    return out
+
+
+def backend_cases():
+    """(device, backend) pairs of every non-reference backend available here."""
+    cases = []
+    for dev in devices():
+        for b in ssa_kernels.available_backends(dev):
+            if b != "reference":
+                cases.append(pytest.param(dev, b, id=f"{dev}-{b}",
+                                          marks=[pytest.mark.cuda] if dev == "cuda" else []))
+    return cases
+
+
+def interpreted(device: str, backend: str) -> bool:
+    return backend == "triton" and device == "cpu"
+
+
+def shapes_for(device: str, backend: str):
+    return INTERPRETER_SHAPES if interpreted(device, backend) else shape_grid()
+
+
+def orthonormal(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(rows, cols, dtype=torch.float64, generator=gen))
+    return q
+
+
+def factors(m: int, n: int, r: int, gen: torch.Generator):
+    U = orthonormal(m, r, gen)
+    V = orthonormal(n, r, gen)
+    s = 0.5 + torch.rand(r, dtype=torch.float64, generator=gen)
+    return U, s, V
+
+
+def targets(m: int, n: int, k: int, gen: torch.Generator):
+    BU = orthonormal(m, k, gen)
+    BV = orthonormal(n, k, gen)
+    BS = 0.5 + torch.rand(k, dtype=torch.float64, generator=gen)
+    return BU, BS, BV
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def to(device, dtype, *tensors):
+    return [None if t is None else t.to(device=device, dtype=dtype) for t in tensors]
+
+
+def assert_close_fp32(actual, expected, what=""):
+    """fp32 kernel output against an fp64 reference of the same inputs."""
+    expected = expected.double().cpu()
+    actual = actual.double().cpu()
+    scale = max(1.0, float(expected.abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=2e-5, atol=2e-5 * scale, msg=lambda m: f"{what}: {m}")
+
+
+def assert_low_precision(actual, lowp_ref, exact, what=""):
+    """STYLE rule: error vs the fp64 reference at most twice PyTorch's own same-precision error.
+
+    ``lowp_ref``: the reference run in the low precision; ``exact``: the fp64 reference on the
+    same (already rounded) inputs. A floor of one ulp of the output's magnitude covers outputs
+    the low-precision reference happens to get exactly.
+    """
+    exact = exact.double().cpu()
+    err = (actual.double().cpu() - exact).abs().max().item() if exact.numel() else 0.0
+    base = (lowp_ref.double().cpu() - exact).abs().max().item() if exact.numel() else 0.0
+    ulp = torch.finfo(actual.dtype).eps * max(1.0, float(exact.abs().max())) if exact.numel() else 0
+    assert err <= 2 * base + ulp, f"{what}: error {err:.3g} > 2 x torch's {base:.3g} + {ulp:.3g}"
+
+
+def ext_expected() -> bool:
+    return os.environ.get("SSA_KERNELS_EXPECT_EXT", "0") == "1"
+
+
+def ref64(fn, *args, **kwargs):
+    """Run a reference function with every tensor argument promoted to fp64 on the CPU."""
+    def up(v):
+        return v.detach().double().cpu() if isinstance(v, torch.Tensor) else v
+    return fn(*[up(a) for a in args], **{k: up(v) for k, v in kwargs.items()})
+
+
+__all__ = ["ref"]

@@ -1,0 +1,95 @@
+// C++ tests of the CPU kernels: each op's numbers against the plain ATen formula of
+// DESIGN.md (§3, §5, §6), in float64. Run by ctest (see CMakeLists.txt).
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <string>
+
+#include "ssa_kernels.h"
+
+namespace {
+
+int failures = 0;
+
+void expect_close(const std::string& what, const at::Tensor& got, const at::Tensor& want,
+                  double tol = 1e-10) {
+  const double err = (got.to(at::kDouble) - want.to(at::kDouble)).abs().max().item<double>();
+  const double scale = std::max(1.0, want.abs().max().item<double>());
+  const bool ok = err <= tol * scale;
+  std::printf("%-48s max err %.3g %s\n", what.c_str(), err, ok ? "ok" : "FAILED");
+  if (!ok) ++failures;
+}
+
+at::Tensor orthonormal(int64_t rows, int64_t cols) {
+  return std::get<0>(at::linalg_qr(at::randn({rows, cols}, at::kDouble)));
+}
+
+void test_lowrank_linear() {
+  const int64_t p = 7, n = 33, m = 5, r = 4;
+  auto x = at::randn({p, n}, at::kDouble);
+  auto U = orthonormal(m, r), V = orthonormal(n, r);
+  auto s = at::rand({r}, at::kDouble) + 0.5;
+  auto b = at::randn({m}, at::kDouble);
+  auto [h, t] = ssa::lowrank_linear_cpu(x, U, s, V, b, "relu", 0.0);
+  auto t_want = at::mm(x, V);
+  auto h_want = at::relu(at::mm(t_want * s, U.t()) + b);
+  expect_close("lowrank_linear: t = x V", t, t_want);
+  expect_close("lowrank_linear: h = relu((t*s) U^T + b)", h, h_want);
+  auto [h2, t2] = ssa::lowrank_linear_cpu(x.to(at::kFloat), U.to(at::kFloat), s.to(at::kFloat),
+                                           V.to(at::kFloat), std::nullopt, "tanh", 0.0);
+  expect_close("lowrank_linear fp32: h = tanh((t*s) U^T)", h2, at::tanh(at::mm(t_want * s, U.t())),
+               1e-5);
+}
+
+void test_dfa_project() {
+  const int64_t p = 6, C = 10, d = 8, k = 4;
+  auto e = at::randn({p, C}, at::kDouble);
+  auto P = at::randn({d, k}, at::kDouble), Q = at::randn({C, k}, at::kDouble);
+  auto sigma = at::rand({k}, at::kDouble);
+  auto a = at::randn({p, d}, at::kDouble);
+  auto h = at::sigmoid(a);
+  auto B = at::mm(P * sigma, Q.t());  // dense d×C feedback, only for the test
+  auto delta = ssa::dfa_project_cpu(e, P, sigma, Q, h, std::nullopt, "sigmoid", 0.0, 0.0);
+  expect_close("dfa_project: (e B^T) * h(1-h)", delta, at::mm(e, B.t()) * h * (1 - h));
+  auto a4 = at::randn({p, d, 3, 2}, at::kDouble);
+  auto d4 = ssa::dfa_project_cpu(e, P, sigma, Q, at::relu(a4), std::nullopt, "relu", 0.0, 0.0);
+  expect_close("dfa_project 4-D: shared over positions", d4,
+               at::mm(e, B.t()).view({p, d, 1, 1}) * (a4 > 0).to(at::kDouble));
+}
+
+void test_svd_factor_grads() {
+  const int64_t p = 9, n = 7, m = 6, r = 4;
+  auto x = at::randn({p, n}, at::kDouble);
+  auto U = orthonormal(m, r), V = orthonormal(n, r);
+  auto s = at::rand({r}, at::kDouble) + 0.5;
+  auto delta = at::randn({p, m}, at::kDouble);
+  auto t = at::mm(x, V);
+  // euclidean + none + ce only: the gradients of sum(delta * a), a = x V diag(s) U^T + b
+  auto [gU, gs, gV, gb] = ssa::svd_factor_grads_cpu(x, t, delta, U, s, V, std::nullopt,
+                                                    std::nullopt, std::nullopt, 1.0, 0.0, 0.0,
+                                                    0.0, 1e-3, "euclidean", "none", 1e-6);
+  auto w = at::mm(delta, U);
+  expect_close("svd_factor_grads: gU = delta^T t diag(s)", gU, at::mm(delta.t(), t) * s);
+  expect_close("svd_factor_grads: gV = x^T w diag(s)", gV, at::mm(x.t(), w) * s);
+  expect_close("svd_factor_grads: gs = colsum(w * t)", gs, (w * t).sum(0));
+  expect_close("svd_factor_grads: gb = colsum(delta)", gb, delta.sum(0));
+  // stiefel with alignment: a tangent vector at orthonormal U (U^T gU skew-symmetric)
+  auto BU = orthonormal(m, 2), BV = orthonormal(n, 2);
+  auto BS = at::rand({2}, at::kDouble);
+  auto res = ssa::svd_factor_grads_cpu(x, t, delta, U, s, V, BU, BS, BV, 1.0, 0.3, 0.0, 0.0, 1e-3,
+                                       "euclidean", "stiefel", 1e-6);
+  auto gUs = std::get<0>(res);
+  auto skew = at::mm(U.t(), gUs) + at::mm(gUs.t(), U);
+  expect_close("svd_factor_grads stiefel: U^T gU + gU^T U = 0", skew, at::zeros_like(skew));
+}
+
+}  // namespace
+
+int main() {
+  at::manual_seed(0);
+  test_lowrank_linear();
+  test_dfa_project();
+  test_svd_factor_grads();
+  if (failures) std::printf("%d check(s) FAILED\n", failures);
+  return failures == 0 ? 0 : 1;
+}

@@ -1,0 +1,251 @@
+"""Every available backend against the reference: odd shapes, every option, every dtype."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _helpers import (
+    ACTIVATIONS,
+    PROJECTIONS,
+    SCALINGS,
+    assert_close_fp32,
+    assert_low_precision,
+    backend_cases,
+    factors,
+    gen,
+    interpreted,
+    ref,
+    ref64,
+    shapes_for,
+    targets,
+    to,
+)
+
+import ssa_kernels
+
+CASES = backend_cases()
+LOW = [torch.bfloat16, torch.float16]
+
+
+def _id(shape):
+    return "p{}-n{}-m{}-r{}".format(*shape)
+
+
+def _linear_inputs(p, n, m, r, seed=0):
+    g = gen(seed)
+    x = torch.randn(p, n, dtype=torch.float64, generator=g)
+    U, s, V = factors(m, n, r, g)
+    b = torch.randn(m, dtype=torch.float64, generator=g)
+    return x, U, s, V, b
+
+
+def _grads_inputs(p, n, m, r, k, seed=0):
+    g = gen(seed)
+    x = torch.randn(p, n, dtype=torch.float64, generator=g)
+    U, s, V = factors(m, n, r, g)
+    delta = torch.randn(p, m, dtype=torch.float64, generator=g) / max(p, 1)
+    BU, BS, BV = targets(m, n, k, g)
+    return x, x @ V, delta, U, s, V, BU, BS, BV
+
+
+def _all_shapes():
+    # The union over backends; each test filters to its backend's shapes.
+    return sorted({s for d, b in [("cpu", "cpu"), ("cpu", "triton")] for s in shapes_for(d, b)})
+
+
+def _skip_shape(device, backend, shape):
+    if shape not in shapes_for(device, backend):
+        pytest.skip("shape outside the Triton-interpreter subset")
+
+
+# ------------------------------------------------------------------ lowrank_linear
+
+
+@pytest.mark.parametrize("shape", _all_shapes(), ids=_id)
+@pytest.mark.parametrize("device,backend", CASES)
+def test_lowrank_linear_fp32(device, backend, shape):
+    _skip_shape(device, backend, shape)
+    p, n, m, r = shape
+    x, U, s, V, b = _linear_inputs(p, n, m, r)
+    acts = ACTIVATIONS if not interpreted(device, backend) else ("relu", "tanh")
+    for act in acts:
+        for bias in (b, None):
+            args = to(device, torch.float32, x, U, s, V, bias)
+            h, t = ssa_kernels.lowrank_linear(*args, act, backend=backend, negative_slope=0.1)
+            h_ref, t_ref = ref64(ref.lowrank_linear, *args, act, 0.1)
+            assert h.dtype == torch.float32 and t.dtype == torch.float32
+            assert h.device.type == device and h.shape == (p, m) and t.shape == (p, r)
+            assert_close_fp32(h, h_ref, f"h {act} bias={bias is not None}")
+            assert_close_fp32(t, t_ref, "t")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("device,backend", CASES)
+def test_lowrank_linear_low_precision(device, backend, dtype):
+    if dtype == torch.float16 and interpreted(device, backend):
+        pytest.skip("one low-precision dtype is enough for the interpreter")
+    x, U, s, V, b = _linear_inputs(33, 257, 33, 33)
+    args = to(device, dtype, x, U, s, V, b)
+    h, t = ssa_kernels.lowrank_linear(*args, "tanh", backend=backend)
+    assert h.dtype == dtype and t.dtype == torch.float32
+    h64, t64 = ref64(ref.lowrank_linear, *args, "tanh")
+    h_lp, t_lp = ref.lowrank_linear(*[a.cpu() for a in args], "tanh")
+    assert_low_precision(h, h_lp, h64, "h")
+    assert_low_precision(t, t_lp, t64, "t")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_lowrank_linear_batch_dims_and_noncontiguous(device, backend):
+    x, U, s, V, b = _linear_inputs(12, 33, 17, 5)
+    x3 = x.reshape(3, 4, 33)
+    # Non-contiguous views of every operand.
+    xt = x3.transpose(0, 1).contiguous().transpose(0, 1)
+    Ut = U.t().contiguous().t()
+    Vt = torch.stack([V, V], 2).reshape(V.shape[0], -1)[:, ::2]
+    s2 = torch.stack([s, s], 1)[:, 0]
+    args = to(device, torch.float32, xt, Ut, s2, Vt, b)
+    assert not args[0].is_contiguous() and not args[1].is_contiguous()
+    h, t = ssa_kernels.lowrank_linear(*args, "relu", backend=backend)
+    h_ref, t_ref = ref64(ref.lowrank_linear, x, U, s, V, b, "relu")
+    assert h.shape == (3, 4, 17) and t.shape == (3, 4, 5)
+    assert_close_fp32(h.reshape(12, 17), h_ref, "h")
+    assert_close_fp32(t.reshape(12, 5), t_ref, "t")
+
+
+# -------------------------------------------------------------------- dfa_project
+
+
+def _dfa_inputs(p, d, C, spatial=(), seed=0):
+    g = gen(seed)
+    k = min(C, d)
+    e = torch.randn(p, C, dtype=torch.float64, generator=g) / p
+    P = torch.randn(d, k, dtype=torch.float64, generator=g)
+    Q = torch.linalg.qr(torch.randn(C, k, dtype=torch.float64, generator=g))[0]
+    sigma = torch.rand(k, dtype=torch.float64, generator=g) + 0.5
+    a = torch.randn((p, d) + tuple(spatial), dtype=torch.float64, generator=g)
+    return e, P, sigma, Q, a
+
+
+DFA_SHAPES = [(1, 1, 10, ()), (7, 5, 10, ()), (129, 257, 10, ()), (7, 33, 3, ()),
+              (5, 6, 10, (3, 2)), (3, 4, 10, (5,)), (2, 33, 7, (4, 4))]
+DFA_INTERP = {(7, 5, 10, ()), (5, 6, 10, (3, 2)), (7, 33, 3, ())}
+
+
+@pytest.mark.parametrize("shape", DFA_SHAPES, ids=lambda s: f"p{s[0]}-d{s[1]}-C{s[2]}-{s[3]}")
+@pytest.mark.parametrize("device,backend", CASES)
+def test_dfa_project_fp32(device, backend, shape):
+    if interpreted(device, backend) and shape not in DFA_INTERP:
+        pytest.skip("shape outside the Triton-interpreter subset")
+    p, d, C, spatial = shape
+    e, P, sigma, Q, a = _dfa_inputs(p, d, C, spatial)
+    for act in ACTIVATIONS:
+        h = ref.activate(a, act, 0.2)
+        for cos in (0.0, 0.7):
+            args = to(device, torch.float32, e, P, sigma, Q, h)
+            a32 = a.to(device=device, dtype=torch.float32)
+            out = ssa_kernels.dfa_project(*args, act, a=a32, cos=cos, negative_slope=0.2,
+                                          backend=backend)
+            want = ref64(ref.dfa_project, *args, act, 0.2, a32, cos)
+            assert out.shape == h.shape and out.dtype == torch.float32
+            assert_close_fp32(out, want, f"{act} cos={cos}")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("device,backend", CASES)
+def test_dfa_project_low_precision(device, backend, dtype):
+    e, P, sigma, Q, a = _dfa_inputs(33, 65, 10, (2, 3))
+    h = torch.sigmoid(a)
+    args = to(device, dtype, e, P, sigma, Q, h, a)
+    out = ssa_kernels.dfa_project(*args[:5], "sigmoid", a=args[5], cos=0.5, backend=backend)
+    assert out.dtype == dtype
+    want = ref64(ref.dfa_project, *args[:5], "sigmoid", 0.01, args[5], 0.5)
+    lowp = ref.dfa_project(*[t.cpu() for t in args[:5]], "sigmoid", 0.01, args[5].cpu(), 0.5)
+    assert_low_precision(out, lowp, want, "delta")
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_dfa_project_noncontiguous(device, backend):
+    e, P, sigma, Q, a = _dfa_inputs(6, 8, 10, (3, 3))
+    h = torch.relu(a)
+    hn = h.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)  # channels-last layout
+    an = a.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    Pn = P.t().contiguous().t()
+    args = to(device, torch.float32, e, Pn, sigma, Q, hn)
+    a32 = an.to(device=device, dtype=torch.float32)
+    assert not args[4].is_contiguous()
+    out = ssa_kernels.dfa_project(*args, "relu", a=a32, cos=0.3, backend=backend)
+    assert_close_fp32(out, ref64(ref.dfa_project, e, P, sigma, Q, h, "relu", 0.01, a, 0.3))
+
+
+# --------------------------------------------------------------- svd_factor_grads
+
+OPTION_GRID = [(proj, sc) for proj in PROJECTIONS for sc in SCALINGS]
+
+
+@pytest.mark.parametrize("shape", _all_shapes(), ids=_id)
+@pytest.mark.parametrize("device,backend", CASES)
+def test_svd_factor_grads_fp32(device, backend, shape):
+    _skip_shape(device, backend, shape)
+    p, n, m, r = shape
+    k = max(1, r - 1)  # targets with fewer columns than r where r > 1
+    x, t, delta, U, s, V, BU, BS, BV = _grads_inputs(p, n, m, r, k)
+    grid = OPTION_GRID if not interpreted(device, backend) else OPTION_GRID[:3]
+    for proj, sc in grid:
+        for coeffs in (dict(ce=1.0), dict(ce=0.7, align=0.1, ortho=0.5, hoyer=0.05)):
+            args = to(device, torch.float32, x, t, delta, U, s, V)
+            tg = to(device, torch.float32, BU, BS, BV) if "align" in coeffs else (None,) * 3
+            kw = dict(coeffs, scaling=sc, projection=proj)
+            got = ssa_kernels.svd_factor_grads(*args, BU=tg[0], BS=tg[1], BV=tg[2], **kw,
+                                               backend=backend)
+            want = ref64(ref.svd_factor_grads, *args, *tg, **kw)
+            for name, g, w in zip(("gU", "gs", "gV", "gb"), got, want):
+                assert g.dtype == torch.float32 and g.shape == w.shape
+                assert_close_fp32(g, w, f"{name} {proj}/{sc} {coeffs}")
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("device,backend", CASES)
+def test_svd_factor_grads_low_precision(device, backend, dtype):
+    x, t, delta, U, s, V, BU, BS, BV = _grads_inputs(65, 33, 47, 16, 16)
+    args = to(device, dtype, x, None, delta, U, s, V, BU, BS, BV)
+    # t as the forward returns it: fp32, computed from the rounded x and V.
+    tt = (args[0].double() @ args[5].double()).float()
+    kw = dict(ce=1.0, align=0.05, ortho=0.5, hoyer=0.01, scaling="euclidean",
+              projection="stiefel")
+    got = ssa_kernels.svd_factor_grads(args[0], tt, *args[2:6], BU=args[6], BS=args[7],
+                                       BV=args[8], **kw, backend=backend)
+    cpu_args = [a.cpu() for a in args[:1]] + [tt.cpu()] + [a.cpu() for a in args[2:]]
+    want = ref64(ref.svd_factor_grads, *cpu_args, **kw)
+    lowp = ref.svd_factor_grads(*cpu_args, **kw)
+    for name, g, lp, w in zip(("gU", "gs", "gV", "gb"), got, lowp, want):
+        assert g.dtype == dtype
+        assert_low_precision(g, lp, w, name)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_svd_factor_grads_noncontiguous(device, backend):
+    x, t, delta, U, s, V, BU, BS, BV = _grads_inputs(9, 12, 10, 4, 6)
+    nc = [a.t().contiguous().t() for a in (x, t, delta, U, V, BU, BV)]
+    args = to(device, torch.float32, nc[0], nc[1], nc[2], nc[3], s, nc[4])
+    tg = to(device, torch.float32, nc[5], BS, nc[6])
+    kw = dict(ce=1.0, align=0.1, ortho=0.3, projection="paper", scaling="inverse")
+    got = ssa_kernels.svd_factor_grads(*args, BU=tg[0], BS=tg[1], BV=tg[2], **kw, backend=backend)
+    want = ref64(ref.svd_factor_grads, x, t, delta, U, s, V, BU, BS, BV, **kw)
+    for g, w in zip(got, want):
+        assert_close_fp32(g, w)
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_fp64_where_supported(device, backend):
+    if torch.float64 not in ssa_kernels._backends.REGISTRY[backend].dtypes:
+        with pytest.raises(TypeError, match="supports dtypes"):
+            ssa_kernels.lowrank_linear(*to(device, torch.float64, *_linear_inputs(3, 4, 5, 2)),
+                                       backend=backend)
+        return
+    x, U, s, V, b = _linear_inputs(7, 33, 5, 5)
+    args = to(device, torch.float64, x, U, s, V, b)
+    h, t = ssa_kernels.lowrank_linear(*args, "sigmoid", backend=backend)
+    h_ref, t_ref = ref.lowrank_linear(x, U, s, V, b, "sigmoid")
+    assert t.dtype == torch.float64
+    torch.testing.assert_close(h.cpu(), h_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t.cpu(), t_ref, rtol=1e-12, atol=1e-12)
