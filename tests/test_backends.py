@@ -249,3 +249,41 @@ def test_fp64_where_supported(device, backend):
     assert t.dtype == torch.float64
     torch.testing.assert_close(h.cpu(), h_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(t.cpu(), t_ref, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ GPU-only sizes
+
+GPU_CASES = [c for c in CASES if c.values[0] == "cuda"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [(16384, 48, 40, 16), (4096, 1024, 512, 64),
+                                   (2048, 300, 700, 200)], ids=_id)
+@pytest.mark.parametrize("device,backend", GPU_CASES or [pytest.param("cuda", "cuda")])
+def test_gpu_sizes_split_k_and_wide_rank(device, backend, shape):
+    """Long batches (split-K over p), large widths, and r > 128 (the two-GEMM fallbacks)."""
+    p, n, m, r = shape
+    x, t, delta, U, s, V, BU, BS, BV = _grads_inputs(p, n, m, r, r)
+    args = to(device, torch.float32, x, t, delta, U, s, V)
+    tg = to(device, torch.float32, BU, BS, BV)
+    kw = dict(ce=1.0, align=0.01, ortho=1.0, scaling="euclidean", projection="stiefel")
+    got = ssa_kernels.svd_factor_grads(*args, BU=tg[0], BS=tg[1], BV=tg[2], **kw, backend=backend)
+    want = ref64(ref.svd_factor_grads, *args, *tg, **kw)
+    for g, w in zip(got, want):
+        assert_close_fp32(g, w)
+    h, tt = ssa_kernels.lowrank_linear(args[0], args[3], args[4], args[5], None, "relu",
+                                       backend=backend)
+    h_ref, t_ref = ref64(ref.lowrank_linear, args[0], args[3], args[4], args[5], None, "relu")
+    assert_close_fp32(h, h_ref, "h")
+    assert_close_fp32(tt, t_ref, "t")
+
+
+@pytest.mark.cuda
+def test_reorthonormalize_on_gpu_matches_cpu():
+    U, s, V = factors(300, 200, 32, gen(3))
+    U = U + 0.01
+    got = ssa_kernels.reorthonormalize(*(a.float().cuda() for a in (U, s, V)))
+    want = ssa_kernels.reorthonormalize(*(a.float() for a in (U, s, V)))
+    for g, w in zip(got, want):
+        assert g.device.type == "cuda"
+        torch.testing.assert_close(g.cpu(), w, atol=1e-4, rtol=1e-4)
