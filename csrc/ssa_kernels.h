@@ -20,14 +20,15 @@ enum class Act : int { None = 0, Relu = 1, LeakyRelu = 2, Tanh = 3, Sigmoid = 4 
 
 Act parse_activation(c10::string_view name);
 
-// h = f(a)
+// h = f(a). relu/leaky_relu are written without branches: the CPU loops vectorise and
+// do not mispredict on random signs; NaN propagates as in torch.relu.
 template <typename T>
 C10_HOST_DEVICE inline T act_forward(T a, Act act, T slope) {
   switch (act) {
     case Act::Relu:
-      return a > T(0) ? a : T(0);
+      return a * static_cast<T>(!(a <= T(0)));
     case Act::LeakyRelu:
-      return a > T(0) ? a : a * slope;
+      return a * (slope + (T(1) - slope) * static_cast<T>(a > T(0)));
     case Act::Tanh:
       return ::tanh(a);
     case Act::Sigmoid:
@@ -42,9 +43,9 @@ template <typename T>
 C10_HOST_DEVICE inline T act_grad_from_output(T h, Act act, T slope) {
   switch (act) {
     case Act::Relu:
-      return h > T(0) ? T(1) : T(0);
+      return static_cast<T>(h > T(0));
     case Act::LeakyRelu:
-      return h > T(0) ? T(1) : slope;
+      return slope + (T(1) - slope) * static_cast<T>(h > T(0));
     case Act::Tanh:
       return T(1) - h * h;
     case Act::Sigmoid:

@@ -1,13 +1,11 @@
 // CPU one-pass factor gradients (DESIGN §6). The batch is read by three BLAS products
 // (w = δU, δᵀt, xᵀw) plus wᵀt; the r×r cores come from factor_cores(); each output row
-// of gU/gV then gets the whole epilogue (column scale, projection and ortho core,
-// alignment targets, cast) in one parallel pass.
+// of gU/gV then gets the whole epilogue (column scale, projection and ortho core through
+// one small BLAS product Y·C, alignment targets, cast) in one parallel pass.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
-
-#include <vector>
 
 #include "cpu/cpu_common.h"
 
@@ -15,40 +13,35 @@ namespace ssa {
 namespace {
 
 // out = acc·diag(colscale) + Y·C + beta·B (B: first k columns), cast to out_dtype.
+// Y·C (M×r by r×r) goes through BLAS; scale, sum, targets and cast are one row pass.
 at::Tensor factor_epilogue(const at::Tensor& acc, const at::Tensor& colscale, const at::Tensor& Y,
                            const at::Tensor& C, double beta, const at::Tensor& B, int64_t k,
                            at::ScalarType out_dtype) {
   const int64_t M = acc.size(0), R = acc.size(1);
   auto accc = acc.contiguous();
+  auto yc = at::mm(Y, C);  // M×r, contiguous
   auto out = out_dtype == acc.scalar_type() ? accc : at::empty({M, R}, acc.options().dtype(out_dtype));
-  auto Yc = Y.contiguous(), Cc = C.contiguous(), cs = colscale.contiguous();
+  auto cs = colscale.contiguous();
   auto Bc = k > 0 ? B.contiguous() : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "factor_epilogue_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t* ap = accc.data_ptr<acc_t>();
-    const acc_t* yp = Yc.data_ptr<acc_t>();
-    const acc_t* cp = Cc.data_ptr<acc_t>();
+    const acc_t* yp = yc.data_ptr<acc_t>();
     const acc_t* sp = cs.data_ptr<acc_t>();
     const acc_t* bp = k > 0 ? Bc.data_ptr<acc_t>() : nullptr;
     const acc_t bt = static_cast<acc_t>(beta);
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, M, cpu::row_grain(R * R), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> row(R);
+    at::parallel_for(0, M, cpu::row_grain(R), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const acc_t* ai = ap + i * R;
         const acc_t* yi = yp + i * R;
-        for (int64_t j = 0; j < R; ++j) row[j] = ai[j] * sp[j];
-        for (int64_t l = 0; l < R; ++l) {
-          const acc_t y = yi[l];
-          const acc_t* cl = cp + l * R;
-          for (int64_t j = 0; j < R; ++j) row[j] += y * cl[j];
-        }
-        if (bp != nullptr) {
-          const acc_t* bi = bp + i * k;
-          for (int64_t j = 0; j < k; ++j) row[j] += bt * bi[j];
-        }
+        const acc_t* bi = bp != nullptr ? bp + i * k : nullptr;
         scalar_t* oi = op + i * R;
-        for (int64_t j = 0; j < R; ++j) oi[j] = static_cast<scalar_t>(row[j]);
+        for (int64_t j = 0; j < R; ++j) {
+          acc_t v = ai[j] * sp[j] + yi[j];
+          if (j < k) v += bt * bi[j];
+          oi[j] = static_cast<scalar_t>(v);
+        }
       }
     });
   });
