@@ -21,7 +21,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q setuptools wheel ninja "cmake>=3.30" pytest pytest-benchmark expecttest scikit-learn
+	$(PY) -m pip install -q setuptools wheel ninja "cmake>=3.30" pytest pytest-benchmark expecttest scikit-learn ruff
 	touch $@
 
 venv: $(VENV)/.deps

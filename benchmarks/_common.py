@@ -27,7 +27,7 @@ def providers(dev: str) -> list[str]:
     return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def compiled(fn):
     return torch.compile(fn, dynamic=False)
 

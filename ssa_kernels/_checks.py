@@ -13,7 +13,7 @@ import os
 import torch
 from torch import Tensor
 
-from .reference import ACTIVATIONS, PROJECTIONS, SCALINGS, acc_dtype
+from .reference import ACTIVATIONS, acc_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _debug = {"on": None}
