@@ -36,7 +36,7 @@ pytest: install
 	SSA_KERNELS_EXPECT_EXT=1 SSA_KERNELS_EXPECT_CUDA=$$($(PY) tools/cuda_env.py --expect-cuda) \
 	  $(VENV)/bin/pytest tests
 
-test: install ctest pytest
+test: install lint ctest pytest
 
 bench: install
 	$(VENV)/bin/pytest benchmarks --benchmark-only
@@ -44,7 +44,7 @@ bench: install
 demo: install
 	$(PY) examples/digits_ssa_ops.py
 
-lint:
+lint: venv
 	$(VENV)/bin/python -m ruff check .
 
 clean:
