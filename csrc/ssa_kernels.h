@@ -119,4 +119,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_cpu(
     double align, double ortho, double hoyer, double hoyer_eps, c10::string_view scaling,
     c10::string_view projection, double eps);
 
+#ifdef SSA_WITH_CUDA
+// ----------------------------------------------------------------- CUDA kernels
+// Same signatures and semantics as the CPU kernels (csrc/cuda/*.cu).
+std::tuple<at::Tensor, at::Tensor> lowrank_linear_cuda(const at::Tensor& x, const at::Tensor& U,
+                                                       const at::Tensor& s, const at::Tensor& V,
+                                                       const std::optional<at::Tensor>& bias,
+                                                       c10::string_view activation,
+                                                       double negative_slope);
+
+at::Tensor dfa_project_cuda(const at::Tensor& e, const at::Tensor& P, const at::Tensor& sigma,
+                            const at::Tensor& Q, const at::Tensor& h,
+                            const std::optional<at::Tensor>& a, c10::string_view activation,
+                            double negative_slope, double cos);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_cuda(
+    const at::Tensor& x, const at::Tensor& t, const at::Tensor& delta, const at::Tensor& U,
+    const at::Tensor& s, const at::Tensor& V, const std::optional<at::Tensor>& BU,
+    const std::optional<at::Tensor>& BS, const std::optional<at::Tensor>& BV, double ce,
+    double align, double ortho, double hoyer, double hoyer_eps, c10::string_view scaling,
+    c10::string_view projection, double eps);
+#endif  // SSA_WITH_CUDA
+
 }  // namespace ssa
