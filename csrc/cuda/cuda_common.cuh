@@ -14,10 +14,22 @@
 // are either the k index (stage_kn) or the row/column index (stage_nk, a transpose),
 // converting to the accumulation type and writing zeros outside the matrix, so the
 // inner product never needs a bounds check.
+//
+// SSA_CUDA_EMULATION: the same sources compile with a host compiler against the CPU
+// stand-ins of tests/cuda_emulation/cuda_emulation.h (blocks run as CPU threads), so the
+// kernels' index arithmetic, masks and barriers are tested on machines without a GPU.
+// Kernels are therefore launched through SSA_LAUNCH(grid, block, stream, kernel)(args...).
 #pragma once
 
+#ifdef SSA_CUDA_EMULATION
+#include "cuda_emulation.h"
+#define SSA_LAUNCH(grid, block, stream, ...) ::emu::launcher(grid, block, &__VA_ARGS__)
+#else
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#define SSA_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#endif
 
 #include <algorithm>
 #include <cstdint>

@@ -16,7 +16,6 @@
 // the row.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_common.cuh"
@@ -147,7 +146,7 @@ at::Tensor dfa_project_cuda(const at::Tensor& e, const at::Tensor& P, const at::
       const dim3 grid(static_cast<unsigned>(cuda::ceil_div(p, kBM)),
                       static_cast<unsigned>(cuda::ceil_div(d, kBN)));
       TORCH_CHECK(grid.y <= 65535, "ssa_kernels.dfa_project: d = ", d, " is too large");
-      dfa_project_mask_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+      SSA_LAUNCH(grid, kThreads, stream, dfa_project_mask_kernel<scalar_t, acc_t>)(
           eq.data_ptr<acc_t>(), Pc.data_ptr<scalar_t>(), hc.data_ptr<scalar_t>(),
           delta.data_ptr<scalar_t>(), p, d, k, act, slope);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -156,15 +155,14 @@ at::Tensor dfa_project_cuda(const at::Tensor& e, const at::Tensor& P, const at::
     auto dh = at::mm(eq, P.to(acc).t());  // p×d, contiguous
     if (cos == 0.0) {
       const int64_t total = h.numel();
-      dfa_broadcast_mask_kernel<scalar_t, acc_t>
-          <<<cuda::elementwise_blocks(total), kThreads, 0, stream>>>(
+      SSA_LAUNCH(cuda::elementwise_blocks(total), kThreads, stream, dfa_broadcast_mask_kernel<scalar_t, acc_t>)(
               dh.data_ptr<acc_t>(), hc.data_ptr<scalar_t>(), delta.data_ptr<scalar_t>(), total,
               hw, act, slope);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
     auto ac = a->contiguous();
-    dfa_cos_row_kernel<scalar_t, acc_t><<<static_cast<unsigned>(p), kThreads, 0, stream>>>(
+    SSA_LAUNCH(static_cast<unsigned>(p), kThreads, stream, dfa_cos_row_kernel<scalar_t, acc_t>)(
         dh.data_ptr<acc_t>(), hc.data_ptr<scalar_t>(), ac.data_ptr<scalar_t>(),
         delta.data_ptr<scalar_t>(), p, d, hw, act, slope, static_cast<acc_t>(cos));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -172,8 +170,10 @@ at::Tensor dfa_project_cuda(const at::Tensor& e, const at::Tensor& P, const at::
   return delta;
 }
 
+#ifndef SSA_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(ssa_kernels, CUDA, m) {
   m.impl("dfa_project_native", TORCH_FN(dfa_project_cuda));
 }
+#endif
 
 }  // namespace ssa

@@ -9,7 +9,6 @@
 // elementwise kernel for bias + activation + cast.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_common.cuh"
@@ -155,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_cuda(const at::Tensor& x, cons
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                     "lowrank_linear_cuda_epilogue", [&] {
       using acc_t = at::opmath_type<scalar_t>;
-      bias_act_kernel<scalar_t, acc_t><<<cuda::elementwise_blocks(p * m), kThreads, 0, stream>>>(
+      SSA_LAUNCH(cuda::elementwise_blocks(p * m), kThreads, stream, bias_act_kernel<scalar_t, acc_t>)(
           a.data_ptr<acc_t>(), bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
           h.data_ptr<scalar_t>(), p * m, m, act, static_cast<acc_t>(negative_slope));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -175,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_cuda(const at::Tensor& x, cons
     const int64_t msplit =
         std::max<int64_t>(1, std::min({want, cuda::ceil_div(m, kBN), m / n, int64_t{65535}}));
     const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(msplit));
-    lowrank_fused_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+    SSA_LAUNCH(grid, kThreads, stream, lowrank_fused_kernel<scalar_t, acc_t>)(
         xc.data_ptr<scalar_t>(), Uc.data_ptr<scalar_t>(), sc.data_ptr<scalar_t>(),
         Vc.data_ptr<scalar_t>(), bc.defined() ? bc.data_ptr<scalar_t>() : nullptr,
         h.data_ptr<scalar_t>(), t.data_ptr<acc_t>(), p, n, m, static_cast<int>(r), act,
@@ -185,8 +184,10 @@ std::tuple<at::Tensor, at::Tensor> lowrank_linear_cuda(const at::Tensor& x, cons
   return {h, t};
 }
 
+#ifndef SSA_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(ssa_kernels, CUDA, m) {
   m.impl("lowrank_linear_native", TORCH_FN(lowrank_linear_cuda));
 }
+#endif
 
 }  // namespace ssa

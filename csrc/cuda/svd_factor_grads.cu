@@ -14,7 +14,6 @@
 // kernel applies the epilogue.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "cuda/cuda_common.cuh"
@@ -182,13 +181,13 @@ at::Tensor factor_product(const at::Tensor& A, const at::Tensor& B, const at::Te
                                        R};
     const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles),
                     static_cast<unsigned>(splits));
-    factor_product_kernel<scalar_t, acc_t><<<grid, kThreads, 0, stream>>>(
+    SSA_LAUNCH(grid, kThreads, stream, factor_product_kernel<scalar_t, acc_t>)(
         A.data_ptr<scalar_t>(), B.data_ptr<acc_t>(), p, rows,
         ws.defined() ? ws.data_ptr<acc_t>() : nullptr, ep);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (ws.defined()) {
       const dim3 finish_grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
-      factor_finish_kernel<scalar_t, acc_t><<<finish_grid, kThreads, 0, stream>>>(
+      SSA_LAUNCH(finish_grid, kThreads, stream, factor_finish_kernel<scalar_t, acc_t>)(
           ws.data_ptr<acc_t>(), ep);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
@@ -222,8 +221,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_cuda
   return {gU, cores.gs.to(pt), gV, gb};
 }
 
+#ifndef SSA_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(ssa_kernels, CUDA, m) {
   m.impl("svd_factor_grads_native", TORCH_FN(svd_factor_grads_cuda));
 }
+#endif
 
 }  // namespace ssa
