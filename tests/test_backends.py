@@ -48,23 +48,26 @@ def _grads_inputs(p, n, m, r, k, seed=0):
     return x, x @ V, delta, U, s, V, BU, BS, BV
 
 
-def _all_shapes():
-    # The union over backends; each test filters to its backend's shapes.
-    return sorted({s for d, b in [("cpu", "cpu"), ("cpu", "triton")] for s in shapes_for(d, b)})
+def _with_shapes(shapes_of):
+    """(device, backend, shape) params: each backend gets only its own shapes."""
+    out = []
+    for case in CASES:
+        device, backend = case.values
+        for shape in shapes_of(device, backend):
+            out.append(pytest.param(device, backend, shape, marks=case.marks,
+                                    id=f"{case.id}-{_id(shape) if len(shape) == 4 else _dfa_id(shape)}"))
+    return out
 
 
-def _skip_shape(device, backend, shape):
-    if shape not in shapes_for(device, backend):
-        pytest.skip("shape outside the Triton-interpreter subset")
+def _dfa_id(s):
+    return f"p{s[0]}-d{s[1]}-C{s[2]}-{s[3]}"
 
 
 # ------------------------------------------------------------------ lowrank_linear
 
 
-@pytest.mark.parametrize("shape", _all_shapes(), ids=_id)
-@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("device,backend,shape", _with_shapes(shapes_for))
 def test_lowrank_linear_fp32(device, backend, shape):
-    _skip_shape(device, backend, shape)
     p, n, m, r = shape
     x, U, s, V, b = _linear_inputs(p, n, m, r)
     acts = ACTIVATIONS if not interpreted(device, backend) else ("relu", "tanh")
@@ -82,8 +85,6 @@ def test_lowrank_linear_fp32(device, backend, shape):
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @pytest.mark.parametrize("device,backend", CASES)
 def test_lowrank_linear_low_precision(device, backend, dtype):
-    if dtype == torch.float16 and interpreted(device, backend):
-        pytest.skip("one low-precision dtype is enough for the interpreter")
     x, U, s, V, b = _linear_inputs(33, 257, 33, 33)
     args = to(device, dtype, x, U, s, V, b)
     h, t = ssa_kernels.lowrank_linear(*args, "tanh", backend=backend)
@@ -128,14 +129,12 @@ def _dfa_inputs(p, d, C, spatial=(), seed=0):
 
 DFA_SHAPES = [(1, 1, 10, ()), (7, 5, 10, ()), (129, 257, 10, ()), (7, 33, 3, ()),
               (5, 6, 10, (3, 2)), (3, 4, 10, (5,)), (2, 33, 7, (4, 4))]
-DFA_INTERP = {(7, 5, 10, ()), (5, 6, 10, (3, 2)), (7, 33, 3, ())}
+DFA_INTERP = [(7, 5, 10, ()), (5, 6, 10, (3, 2)), (7, 33, 3, ())]
 
 
-@pytest.mark.parametrize("shape", DFA_SHAPES, ids=lambda s: f"p{s[0]}-d{s[1]}-C{s[2]}-{s[3]}")
-@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("device,backend,shape", _with_shapes(
+    lambda device, backend: DFA_INTERP if interpreted(device, backend) else DFA_SHAPES))
 def test_dfa_project_fp32(device, backend, shape):
-    if interpreted(device, backend) and shape not in DFA_INTERP:
-        pytest.skip("shape outside the Triton-interpreter subset")
     p, d, C, spatial = shape
     e, P, sigma, Q, a = _dfa_inputs(p, d, C, spatial)
     for act in ACTIVATIONS:
@@ -182,10 +181,8 @@ def test_dfa_project_noncontiguous(device, backend):
 OPTION_GRID = [(proj, sc) for proj in PROJECTIONS for sc in SCALINGS]
 
 
-@pytest.mark.parametrize("shape", _all_shapes(), ids=_id)
-@pytest.mark.parametrize("device,backend", CASES)
+@pytest.mark.parametrize("device,backend,shape", _with_shapes(shapes_for))
 def test_svd_factor_grads_fp32(device, backend, shape):
-    _skip_shape(device, backend, shape)
     p, n, m, r = shape
     k = max(1, r - 1)  # targets with fewer columns than r where r > 1
     x, t, delta, U, s, V, BU, BS, BV = _grads_inputs(p, n, m, r, k)
