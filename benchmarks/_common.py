@@ -95,10 +95,10 @@ def run(benchmark, fn, dev: str, flops: float, nbytes: float, **info) -> None:
 
     for _ in range(2):  # warm-up: compilation, autotuning, allocator
         timed()
-    benchmark.pedantic(timed, rounds=10 if dev == "cuda" else 5, iterations=1, warmup_rounds=1)
-    mean = benchmark.stats.stats.mean
+    benchmark.pedantic(timed, rounds=50 if dev == "cuda" else 30, iterations=1, warmup_rounds=2)
+    median = benchmark.stats.stats.median  # robust to a noisy neighbour
     benchmark.extra_info.update(
-        flops=flops, bytes=nbytes, gflops_per_s=flops / mean / 1e9, gbytes_per_s=nbytes / mean / 1e9,
+        flops=flops, bytes=nbytes, gflops_per_s=flops / median / 1e9, gbytes_per_s=nbytes / median / 1e9,
         peak_bytes=peak_bytes(fn, dev), device=device_name(dev), **versions(), **info)
 
 

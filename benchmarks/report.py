@@ -2,7 +2,7 @@
 
     python benchmarks/report.py F [--command "..."] > docs/benchmarks/<device>.md
 
-Ratios are taken within the one run: each provider's mean time against the eager
+Ratios are taken within the one run: each provider's median time against the eager
 reference of the same op, shape and dtype.
 """
 
@@ -30,7 +30,7 @@ def main() -> None:
                          peak=info["peak_bytes"], info=info))
     if not rows:
         raise SystemExit("no benchmarks in the file")
-    base = {(r["op"], r["shape"], r["dtype"]): r["mean"] for r in rows
+    base = {(r["op"], r["shape"], r["dtype"]): r["median"] for r in rows
             if r["provider"] == "reference"}
     first = rows[0]["info"]
     print(f"# Benchmarks: {first['device']}\n")
@@ -38,7 +38,7 @@ def main() -> None:
     print(f"- command: `{args.command}`")
     print(f"- device: {first['device']}; torch {first['torch']} (CUDA {first['cuda']}), "
           f"triton {first['triton']}, Python {first['python']}, {first['threads']} threads")
-    print("- time: mean over the timed rounds (synchronised); ratio = eager reference time / "
+    print("- time: median over the timed rounds (synchronised); ratio = eager reference time / "
           "this provider's time (> 1 is faster), same op, shape and dtype, same run")
     print("- FLOPs count a multiply-add as 2; bytes are the minimum traffic; peak = extra "
           "memory allocated during one call\n")
@@ -47,14 +47,14 @@ def main() -> None:
         groups[r["op"]].append(r)
     for op, items in groups.items():
         print(f"## {op}\n")
-        print("| shape | dtype | provider | time (ms) | vs reference | GFLOP/s | GB/s | "
+        print("| shape | dtype | provider | median (ms) | vs reference | GFLOP/s | GB/s | "
               "peak (MB) |")
         print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: |")
         for r in sorted(items, key=lambda r: (r["shape"], r["dtype"], r["provider"])):
             ref = base.get((r["op"], r["shape"], r["dtype"]))
-            ratio = f"{ref / r['mean']:.2f}×" if ref else "—"
+            ratio = f"{ref / r['median']:.2f}×" if ref else "—"
             print(f"| {r['shape']} | {r['dtype'].replace('torch.', '')} | {r['provider']} | "
-                  f"{r['mean'] * 1e3:.3f} | {ratio} | {r['gflops']:.1f} | {r['gbs']:.1f} | "
+                  f"{r['median'] * 1e3:.3f} | {ratio} | {r['gflops']:.1f} | {r['gbs']:.1f} | "
                   f"{r['peak'] / 2**20:.1f} |")
         print()
 
