@@ -1,5 +1,6 @@
-// The r×r cores of the one-pass factor gradients (DESIGN §6), in ATen so that the CPU
-// and CUDA kernels share them. Derivation and Python twin: ssa_kernels/_cores.py.
+// The r×r cores of the one-pass factor gradients (DESIGN §6) and the frame of the op
+// around its two big products, in ATen so that the CPU and CUDA kernels share them.
+// Derivation and Python twin of the cores: ssa_kernels/_cores.py.
 #include "ssa_kernels.h"
 
 namespace ssa {
@@ -72,6 +73,30 @@ FactorCores factor_cores(const at::Tensor& U, const at::Tensor& s, const at::Ten
   out.CU = core(Uw, wt * out.colscale, out.BU, out.k, align, ortho, projection);
   out.CV = core(Vw, wt.t() * out.colscale, out.BV, out.k, align, ortho, projection);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_frame(
+    const at::Tensor& x, const at::Tensor& t, const at::Tensor& delta, const at::Tensor& U,
+    const at::Tensor& s, const at::Tensor& V, const std::optional<at::Tensor>& BU,
+    const std::optional<at::Tensor>& BS, const std::optional<at::Tensor>& BV, double ce,
+    double align, double ortho, double hoyer, double hoyer_eps, c10::string_view scaling,
+    c10::string_view projection, double eps, const FactorProduct& product) {
+  check_svd_factor_grads(x, t, delta, U, s, V, BU, BS, BV, align);
+  const auto proj = parse_projection(projection);
+  const auto scale = parse_scaling(scaling);
+  const auto acc = acc_type(x.scalar_type());
+  auto xc = x.contiguous(), dc = delta.contiguous();
+  auto da = dc.to(acc);
+  auto ta = t.to(acc).contiguous(), Ua = U.to(acc).contiguous(), Va = V.to(acc).contiguous();
+  auto w = at::mm(da, Ua);      // p×r
+  auto wt = at::mm(w.t(), ta);  // r×r
+  auto cores = factor_cores(Ua, s, Va, wt, BU, BS, BV, ce, align, ortho, hoyer, hoyer_eps, scale,
+                            proj, eps);
+  const auto pt = U.scalar_type();
+  auto gU = product(dc, ta, Ua, cores.CU, cores.BU, cores);
+  auto gV = product(xc, w, Va, cores.CV, cores.BV, cores);
+  auto gb = da.sum(0).mul_(ce).to(pt);
+  return {gU, cores.gs.to(pt), gV, gb};
 }
 
 }  // namespace ssa

@@ -10,6 +10,7 @@
 #include <c10/util/string_view.h>
 
 #include <cmath>
+#include <functional>
 #include <optional>
 #include <tuple>
 
@@ -80,6 +81,23 @@ FactorCores factor_cores(const at::Tensor& U, const at::Tensor& s, const at::Ten
                          const std::optional<at::Tensor>& BV, double ce, double align,
                          double ortho, double hoyer, double hoyer_eps, Scaling scaling,
                          Projection projection, double eps);
+
+// One of the two big products of the factor gradients with its whole epilogue:
+//   out (M×r, A's dtype) = Aᵀ B · diag(cores.colscale) + Y·C + cores.beta·Bk[:, :cores.k]
+// with A (p×M, input dtype, contiguous) and B, Y, C, Bk in the accumulation dtype.
+using FactorProduct = std::function<at::Tensor(const at::Tensor& A, const at::Tensor& B,
+                                               const at::Tensor& Y, const at::Tensor& C,
+                                               const at::Tensor& Bk, const FactorCores& cores)>;
+
+// svd_factor_grads without its two big products (DESIGN §6), shared by the CPU and CUDA
+// kernels: checks, w = δU and wᵀt (one pass over the batch), the r×r cores, gs and gb;
+// gU = product(δ, t, U, C_U, B_U) and gV = product(x, w, V, C_V, B_V).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_frame(
+    const at::Tensor& x, const at::Tensor& t, const at::Tensor& delta, const at::Tensor& U,
+    const at::Tensor& s, const at::Tensor& V, const std::optional<at::Tensor>& BU,
+    const std::optional<at::Tensor>& BS, const std::optional<at::Tensor>& BV, double ce,
+    double align, double ortho, double hoyer, double hoyer_eps, c10::string_view scaling,
+    c10::string_view projection, double eps, const FactorProduct& product);
 
 // Accumulation dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64.
 inline at::ScalarType acc_type(at::ScalarType t) {

@@ -1,7 +1,8 @@
-// CPU one-pass factor gradients (DESIGN §6). The batch is read by three BLAS products
-// (w = δU, δᵀt, xᵀw) plus wᵀt; the r×r cores come from factor_cores(); each output row
-// of gU/gV then gets the whole epilogue (column scale, projection and ortho core through
-// one small BLAS product Y·C, alignment targets, cast) in one parallel pass.
+// CPU one-pass factor gradients (DESIGN §6). svd_factor_grads_frame() reads the batch for
+// w = δU and wᵀt and builds the r×r cores; here the two big products δᵀt and xᵀw go
+// through BLAS and each output row of gU/gV gets the whole epilogue (column scale,
+// projection and ortho core through one small BLAS product Y·C, alignment targets, cast)
+// in one parallel pass.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -56,22 +57,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_cpu(
     const std::optional<at::Tensor>& BS, const std::optional<at::Tensor>& BV, double ce,
     double align, double ortho, double hoyer, double hoyer_eps, c10::string_view scaling,
     c10::string_view projection, double eps) {
-  check_svd_factor_grads(x, t, delta, U, s, V, BU, BS, BV, align);
-  const auto proj = parse_projection(projection);
-  const auto scale = parse_scaling(scaling);
-  const auto acc = acc_type(x.scalar_type());
-  auto xa = x.to(acc), da = delta.to(acc), ta = t.to(acc), Ua = U.to(acc), Va = V.to(acc);
-  auto w = at::mm(da, Ua);        // p×r
-  auto wt = at::mm(w.t(), ta);    // r×r
-  auto cores = factor_cores(Ua, s, Va, wt, BU, BS, BV, ce, align, ortho, hoyer, hoyer_eps, scale,
-                            proj, eps);
-  const auto pt = U.scalar_type();
-  auto gU = factor_epilogue(at::mm(da.t(), ta), cores.colscale, Ua, cores.CU, cores.beta,
-                            cores.BU, cores.k, pt);
-  auto gV = factor_epilogue(at::mm(xa.t(), w), cores.colscale, Va, cores.CV, cores.beta,
-                            cores.BV, cores.k, pt);
-  auto gb = da.sum(0).mul_(ce).to(pt);
-  return {gU, cores.gs.to(pt), gV, gb};
+  return svd_factor_grads_frame(
+      x, t, delta, U, s, V, BU, BS, BV, ce, align, ortho, hoyer, hoyer_eps, scaling, projection,
+      eps, [](const at::Tensor& A, const at::Tensor& B, const at::Tensor& Y, const at::Tensor& C,
+              const at::Tensor& Bk, const FactorCores& cores) {
+        return factor_epilogue(at::mm(A.to(B.scalar_type()).t(), B), cores.colscale, Y, C,
+                               cores.beta, Bk, cores.k, A.scalar_type());
+      });
 }
 
 TORCH_LIBRARY_IMPL(ssa_kernels, CPU, m) {

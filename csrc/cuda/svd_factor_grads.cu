@@ -203,22 +203,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_cuda
     const std::optional<at::Tensor>& BS, const std::optional<at::Tensor>& BV, double ce,
     double align, double ortho, double hoyer, double hoyer_eps, c10::string_view scaling,
     c10::string_view projection, double eps) {
-  check_svd_factor_grads(x, t, delta, U, s, V, BU, BS, BV, align);
-  const auto proj = parse_projection(projection);
-  const auto scale = parse_scaling(scaling);
   const c10::cuda::CUDAGuard guard(x.device());
-  const auto acc = acc_type(x.scalar_type());
-  auto xc = x.contiguous(), dc = delta.contiguous();
-  auto ta = t.to(acc).contiguous(), Ua = U.to(acc).contiguous(), Va = V.to(acc).contiguous();
-  auto w = at::mm(dc.to(acc), Ua);  // p×r, contiguous
-  auto wt = at::mm(w.t(), ta);      // r×r
-  auto cores = factor_cores(Ua, s, Va, wt, BU, BS, BV, ce, align, ortho, hoyer, hoyer_eps, scale,
-                            proj, eps);
-  auto gU = factor_product(dc, ta, Ua, cores, cores.CU, cores.BU);
-  auto gV = factor_product(xc, w, Va, cores, cores.CV, cores.BV);
-  const auto pt = U.scalar_type();
-  auto gb = at::sum(dc, /*dim=*/{0}, /*keepdim=*/false, /*dtype=*/acc).mul_(ce).to(pt);
-  return {gU, cores.gs.to(pt), gV, gb};
+  return svd_factor_grads_frame(
+      x, t, delta, U, s, V, BU, BS, BV, ce, align, ortho, hoyer, hoyer_eps, scaling, projection,
+      eps, [](const at::Tensor& A, const at::Tensor& B, const at::Tensor& Y, const at::Tensor& C,
+              const at::Tensor& Bk, const FactorCores& cores) {
+        return factor_product(A, B, Y, cores, C, Bk);
+      });
 }
 
 #ifndef SSA_CUDA_EMULATION
