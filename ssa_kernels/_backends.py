@@ -3,7 +3,8 @@
 Four backends (DESIGN §1): ``reference`` (pure PyTorch, any device), ``cpu`` and ``cuda``
 (the compiled extension ``ssa_kernels._C``), ``triton`` (GPU, or the CPU under
 ``TRITON_INTERPRET=1``). ``backend="auto"`` takes the first available one in
-:data:`PREFERENCE` for the device; the environment variable ``SSA_KERNELS_BACKEND``
+:data:`AUTO` for the op and device (the fastest measured there, see
+``docs/benchmarks/``), else in :data:`PREFERENCE`; the environment variable ``SSA_KERNELS_BACKEND``
 overrides ``"auto"`` (an explicit ``backend=`` argument still wins). Forcing a backend
 that cannot run raises, naming the ones that can: nothing falls back silently.
 """
@@ -21,6 +22,16 @@ from . import _ops
 ENV_BACKEND = "SSA_KERNELS_BACKEND"
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+#: ``"auto"``'s order where it differs from :data:`PREFERENCE`, from the medians of
+#: docs/benchmarks/h100.md (H100, torch 2.11, fp32 and bf16, p = 4096, n = m in {1024, 4096},
+#: r in {16, 64, 256}): eager cuBLAS beats this package's fused CUDA/Triton forward and
+#: factor-gradient kernels there (0.1-0.9x in most cells), while the fused DFA projection
+#: wins (1.25-1.63x fp32). On the CPU the C++ backend won every measured cell.
+AUTO = {
+    ("cuda", "lowrank_linear"): ("reference", "triton", "cuda"),
+    ("cuda", "dfa_project"): ("cuda", "reference", "triton"),
+    ("cuda", "svd_factor_grads"): ("reference", "cuda", "triton"),
+}
 
 _ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -116,6 +127,11 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return names
 
 
+def auto_order(op: str, device: torch.device) -> tuple[str, ...]:
+    """The backends ``"auto"`` tries for ``op`` on ``device``, best first."""
+    return AUTO.get((device.type, op), PREFERENCE.get(device.type, ("reference",)))
+
+
 def select(op: str, backend: str, device: torch.device, dtype: torch.dtype):
     """The op overload to call, after checking ``backend`` can run it."""
     fn = f"ssa_kernels.{op}"
@@ -127,7 +143,7 @@ def select(op: str, backend: str, device: torch.device, dtype: torch.dtype):
         if forced not in ("", "auto"):
             backend, source = forced, f"the environment variable {ENV_BACKEND}"
     if backend == "auto":
-        for name in PREFERENCE.get(device.type, ("reference",)):
+        for name in auto_order(op, device):
             b = REGISTRY[name]
             if dtype in b.dtypes and b.available(device):
                 return b.op(op)

@@ -11,6 +11,7 @@ from _helpers import (
     assert_close_fp32,
     assert_low_precision,
     backend_cases,
+    devices,
     factors,
     gen,
     interpreted,
@@ -22,6 +23,7 @@ from _helpers import (
 )
 
 import ssa_kernels
+from ssa_kernels import _backends, _ops
 
 CASES = backend_cases()
 LOW = [torch.bfloat16, torch.float16]
@@ -284,3 +286,24 @@ def test_reorthonormalize_on_gpu_matches_cpu():
     for g, w in zip(got, want):
         assert g.device.type == "cuda"
         torch.testing.assert_close(g.cpu(), w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("op", sorted(_ops.SCHEMAS))
+def test_auto_order_is_a_ranking_of_the_device_backends(op):
+    for dev in ("cpu", "cuda"):
+        order = _backends.auto_order(op, torch.device(dev))
+        assert sorted(order) == sorted(_backends.PREFERENCE[dev])
+    # The CUDA ranking follows docs/benchmarks/h100.md.
+    assert _backends.auto_order("dfa_project", torch.device("cuda"))[0] == "cuda"
+    assert _backends.auto_order("lowrank_linear", torch.device("cuda"))[0] == "reference"
+
+
+@pytest.mark.parametrize("op", sorted(_ops.SCHEMAS))
+def test_auto_picks_the_first_available_of_its_order(op, monkeypatch):
+    monkeypatch.delenv(_backends.ENV_BACKEND, raising=False)
+    for dev in devices():
+        device = torch.device(dev)
+        first = next(n for n in _backends.auto_order(op, device)
+                     if _backends.REGISTRY[n].available(device))
+        chosen = _backends.select(op, "auto", device, torch.float32)
+        assert chosen is _backends.REGISTRY[first].op(op)

@@ -316,3 +316,15 @@ def test_opcheck_svd_factor_grads():
                                       "stiefel", 1e-6))
     torch.library.opcheck(op, base + (BU, BS, BV, 1.0, 0.1, 0.5, 0.01, 1e-3, "inverse", "paper",
                                       1e-6))
+
+
+@pytest.mark.parametrize("op", sorted(_ops.SCHEMAS))
+def test_entry_annotations_spell_the_schema(op):
+    # On a GPU the ops are triton_ops whose schema is inferred from these annotations
+    # (torch 2.11 ignores schema=): it must be the one schema every backend shares.
+    from ssa_kernels.triton import _entry
+
+    inferred = torch.library.infer_schema(_entry.ENTRIES[op], mutates_args=())
+    assert inferred == _ops.SCHEMAS[op]
+    schema = str(_ops.get(op, "triton")._schema)
+    assert schema == f"{_ops.NAMESPACE}::{op}_triton{_ops.SCHEMAS[op]}"
