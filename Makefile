@@ -1,6 +1,6 @@
 # One-command set-up on a fresh machine (see README):
 #   make test    venv + torch + build (CUDA sources compiled where a toolkit is) + ctest + pytest
-#   make demo    the main job on the embedded default data
+#   make demo    the main job: SSA and BP on the embedded digits data, compared (python -m ssa train)
 #   make bench   pytest-benchmark over every op and provider available here
 PYTHON_SYS ?= python3
 VENV ?= .venv
@@ -15,13 +15,13 @@ ifeq ($(NO_GPU),1)
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 endif
 
-.PHONY: venv install test pytest ctest bench demo lint clean
+.PHONY: venv install test pytest ctest bench demo demo-ops lint clean
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q setuptools wheel ninja "cmake>=3.30" pytest pytest-benchmark expecttest scikit-learn ruff
+	$(PY) -m pip install -q setuptools wheel ninja "cmake>=3.30" pytest pytest-benchmark expecttest scikit-learn ruff tqdm matplotlib pyyaml
 	touch $@
 
 venv: $(VENV)/.deps
@@ -42,6 +42,9 @@ bench: install
 	$(VENV)/bin/pytest benchmarks --benchmark-only
 
 demo: install
+	$(PY) -m ssa train --model mlp --dataset digits --method ssa,bp --epochs 30 --out runs/digits
+
+demo-ops: install
 	$(PY) examples/digits_ssa_ops.py
 
 lint: venv

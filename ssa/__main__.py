@@ -1,0 +1,7 @@
+"""``python -m ssa train …``: see :mod:`ssa.cli`."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

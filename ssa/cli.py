@@ -1,0 +1,154 @@
+"""Command line: ``python -m ssa train --model mlp --dataset digits --method ssa,bp --out runs/x``.
+
+Trains each method on the same data and seed, prints a comparison table and writes into
+``--out``: ``config.yaml``, ``results.json``, ``history.csv``, the plots ``curves.png``,
+``ranks.png``, ``ortho.png``, and per method the checkpoints ``<method>/latest.pt`` and
+``<method>/best.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+import time
+
+import torch
+
+from . import data, models
+from .loss import LossConfig
+from .schedule import RankSchedule
+from .trainer import METHODS, Trainer
+
+__all__ = ["main", "build_parser"]
+
+
+def _methods(text: str) -> list[str]:
+    out = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in out if m not in METHODS]
+    if not out or bad:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or text!r}; "
+                                         f"choose from {', '.join(METHODS)}")
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError(f"a method is repeated in {text!r}")
+    return out
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ssa", description="SVD-Space Alignment training")
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train one or more methods and compare them",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--model", default="mlp", choices=models.available())
+    t.add_argument("--dataset", default="digits", choices=data.available())
+    t.add_argument("--method", type=_methods, default=["ssa", "bp"],
+                   help=f"comma-separated, among {', '.join(METHODS)}")
+    t.add_argument("--epochs", type=_positive(int), default=30)
+    t.add_argument("--batch-size", type=_positive(int), default=64)
+    t.add_argument("--lr", type=_positive(float), default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--rank", type=_positive(int), default=None,
+                   help="initial rank of SSA layers (default full)")
+    t.add_argument("--loss", choices=("default", "v1", "v2"), default="default", help="LossConfig preset")
+    t.add_argument("--schedule", action=argparse.BooleanOptionalAction, default=True,
+                   help="rank schedule for ssa (DESIGN §8)")
+    t.add_argument("--interval", type=_positive(int), default=10, help="epochs between rank cuts")
+    t.add_argument("--memory", choices=("store", "recompute"), default="store")
+    t.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "cuda", "triton"))
+    t.add_argument("--device", default="cpu")
+    t.add_argument("--out", default="runs/latest", help="output folder")
+    t.add_argument("--resume", action="store_true", help="continue each method from <out>/<method>/latest.pt")
+    t.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def _table(rows: list[dict]) -> str:
+    head = ["method", "test acc", "top-5", "params", "ranks", "wall time"]
+    body = [[r["method"], f"{100 * r['test_acc']:.2f} %", f"{100 * r['test_top5']:.2f} %", f"{r['params']:,}",
+             "/".join(str(v) for v in r["ranks"].values()) or "dense", f"{r['wall_s']:.1f} s"] for r in rows]
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def _write_history(path: str, histories: dict[str, list[dict]]) -> None:
+    layers = sorted({k for h in histories.values() for row in h for k in row["ranks"]})
+    cols = ["method", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "time_s"]
+    cols += [f"rank/{n}" for n in layers] + [f"ortho/{n}" for n in layers]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for method, hist in histories.items():
+            for row in hist:
+                cells = [method] + [row.get(c) for c in cols[1:8]]
+                cells += [row["ranks"].get(n, "") for n in layers] + [row["ortho"].get(n, "") for n in layers]
+                w.writerow(["" if c is None else c for c in cells])
+
+
+def train(args: argparse.Namespace) -> list[dict]:
+    import yaml
+
+    os.makedirs(args.out, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k != "command"}
+    with open(os.path.join(args.out, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    train_loader, test_loader, classes, in_shape = data.get(args.dataset, args.batch_size, args.seed)
+    results, histories = [], {}
+    for method in args.method:
+        torch.manual_seed(args.seed)
+        train_loader.generator.manual_seed(args.seed)
+        model = models.get(args.model, classes, in_shape)
+        schedule = (RankSchedule(args.epochs, interval=args.interval)
+                    if method == "ssa" and args.schedule else None)
+        trainer = Trainer(model, classes, method=method, loss=LossConfig.preset(args.loss), lr=args.lr,
+                          schedule=schedule, memory=args.memory, seed=args.seed, rank=args.rank,
+                          backend=args.backend, device=args.device)
+        start = time.perf_counter()
+        hist = trainer.fit(train_loader, args.epochs, val_loader=test_loader,
+                           checkpoint_dir=os.path.join(args.out, method), progress=not args.quiet,
+                           resume=args.resume)
+        wall = time.perf_counter() - start
+        final = trainer.evaluate(test_loader)
+        histories[method] = hist
+        results.append({"method": method, "test_acc": final["acc"], "test_top5": final["top5"],
+                        "test_loss": final["loss"],
+                        "best_test_acc": max((h["val_acc"] for h in hist), default=final["acc"]),
+                        "params": trainer.param_count(), "ranks": trainer.ranks(), "wall_s": wall,
+                        "epochs": len(hist)})
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    _write_history(os.path.join(args.out, "history.csv"), histories)
+    if args.plots:
+        from . import plots
+
+        plots.save_all(histories, args.out)
+    print(_table(results))
+    print(f"wrote {args.out}/: config.yaml results.json history.csv"
+          + (" curves.png ranks.png ortho.png" if args.plots else "")
+          + " " + " ".join(f"{m}/latest.pt" for m in args.method))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "train":
+        if args.device.startswith("cuda") and not torch.cuda.is_available():
+            build_parser().error(f"--device {args.device}: no CUDA device is available")
+        train(args)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

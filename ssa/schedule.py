@@ -1,0 +1,102 @@
+"""Rank schedule of SSA (DESIGN §8, v1 §3.4, v2 §4.4)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+
+__all__ = ["RankSchedule"]
+
+
+@dataclass
+class RankSchedule:
+    """Shrinks each SSA layer's rank at the end of every ``interval``-th epoch.
+
+    Exactly the pseudo-code of DESIGN §8: a linear decay of the target rank from ``r0``,
+    then (once the target falls to ``zeta · r0``) an energy criterion that keeps the
+    smallest rank holding ``energy`` of ``Σ s²`` and freezes a layer for good when that
+    would not cut it. Never below ``ceil(min_fraction · r0)``; with ``cap`` never above the
+    rank at which the factors hold as many parameters as the dense matrix. The output
+    layer is not reduced unless ``include_output``.
+    """
+
+    total_epochs: int
+    interval: int = 10
+    zeta: float = 0.7
+    energy: float = 0.95
+    min_fraction: float = 0.3
+    start_epoch: int = 0
+    cap: bool = True
+    include_output: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("total_epochs", "interval", "start_epoch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"RankSchedule: {name} must be an int, got {type(v).__name__}")
+        if self.total_epochs < 1:
+            raise ValueError(f"RankSchedule: total_epochs must be >= 1, got {self.total_epochs}")
+        if self.interval < 1:
+            raise ValueError(f"RankSchedule: interval must be >= 1, got {self.interval}")
+        if not 0 <= self.start_epoch < self.total_epochs:
+            raise ValueError("RankSchedule: start_epoch must be in [0, total_epochs), "
+                             f"got {self.start_epoch}")
+        for name in ("zeta", "energy", "min_fraction"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 < v <= 1):
+                raise ValueError(f"RankSchedule: {name} must be in (0, 1], got {v!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # ------------------------------------------------------------------ queries
+    def is_cut_epoch(self, epoch: int) -> bool:
+        """Whether the end of 0-based ``epoch`` is a cut point."""
+        k = epoch - self.start_epoch + 1
+        return epoch >= self.start_epoch and k % self.interval == 0
+
+    def hoyer_active(self, epoch: int) -> bool:
+        """Hoyer is on during the ``interval`` epochs that precede each cut (DESIGN §8)."""
+        if epoch < self.start_epoch:
+            return False
+        k = epoch - self.start_epoch + 1
+        next_cut = self.start_epoch + math.ceil(k / self.interval) * self.interval - 1
+        return next_cut < self.total_epochs
+
+    def floor(self, r0: int) -> int:
+        return max(1, math.ceil(self.min_fraction * r0))
+
+    def target(self, epoch: int, r0: int) -> int:
+        """The linear-decay target rank after 0-based ``epoch`` (before the energy check)."""
+        k = epoch - self.start_epoch + 1
+        span = (self.total_epochs - self.start_epoch) / self.interval
+        return math.ceil(r0 * (1 - (k // self.interval) / span))
+
+    # ------------------------------------------------------------------ the step
+    def step_layer(self, layer, epoch: int, is_output: bool = False, optimizer=None) -> int | None:
+        """Apply the schedule to one SSA layer at the end of ``epoch``; the new rank if cut."""
+        if epoch < self.start_epoch or layer.frozen_rank or (is_output and not self.include_output):
+            return None
+        if not self.is_cut_epoch(epoch):
+            return None
+        r0 = layer.r0
+        floor = self.floor(r0)
+        target = self.target(epoch, r0)
+        if target <= self.zeta * r0:  # late phase: energy check
+            layer.reorthonormalize(sort=True, optimizer=optimizer)
+            s2 = layer.s.detach().double().pow(2)
+            cum = torch.cumsum(s2, 0)
+            target = int(torch.searchsorted(cum, self.energy * cum[-1]).item()) + 1
+            if target >= layer.rank:
+                layer.frozen_rank = True
+                return None
+        if self.cap:
+            m, n = layer.out_features, layer.in_features
+            target = min(target, max(floor, (m * n) // (m + n)))
+        new_rank = max(floor, min(target, layer.rank))
+        if new_rank < layer.rank:
+            layer.truncate(new_rank, optimizer=optimizer)
+            return new_rank
+        return None

@@ -1,0 +1,841 @@
+"""The SSA trainer: autograd-free local updates of every layer (DESIGN §5-§9).
+
+One SSA step (``method="ssa"``):
+
+1. forward through the model with a :class:`_Tape` active: each SSA layer runs the fused
+   :func:`ssa_kernels.lowrank_linear` under ``no_grad`` and keeps its input ``x`` and
+   ``t = x V`` (and its output ``h``); forward hooks record what the other trained modules
+   need (the norm / activation / dropout "tail" after a layer in an ``nn.Sequential``,
+   layers left dense, local modules);
+2. output error ``e = (softmax(z) − onehot(y)) / p``;
+3. for every unit: ``δ`` at its output (``e`` for the unit that produced ``z``, the DFA
+   projection ``B e`` otherwise, :func:`ssa_kernels.dfa_project`), carried back through its
+   tail, then :func:`ssa_kernels.svd_factor_grads` → ``.grad`` (added to an existing
+   ``.grad``, as autograd would);
+4. all-reduce of the gradients under ``torch.distributed``; a ``torch.optim`` step.
+
+``memory="recompute"`` runs a first forward that keeps nothing, then a second forward in
+which each unit updates as soon as its output exists (peak memory flat in depth).
+``method="bp"`` trains the same model densely with autograd.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+import weakref
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import ssa_kernels
+from ssa_kernels.reference import activation_grad, feedback_signal
+
+from . import _tape
+from .convert import convert, to_dense
+from .layers import SSALinear
+from .loss import LossConfig
+from .schedule import RankSchedule
+
+__all__ = ["Trainer", "METHODS"]
+
+METHODS = ("ssa", "bp")
+MEMORY_MODES = ("store", "recompute")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+#: Activation modules folded into the preceding SSA layer's fused kernel.
+FUSIBLE = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.LeakyReLU: "leaky_relu"}
+#: Parameter-free elementwise modules allowed in a layer's tail (derivative by local autograd
+#: when not in FUSIBLE).
+ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus,
+               nn.Mish, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Identity)
+NORMS = (nn.BatchNorm1d, nn.LayerNorm)
+DROPOUTS = (nn.Dropout,)
+
+
+def _same(a: Tensor | None, b: Tensor) -> bool:
+    return a is not None and a is b
+
+
+@dataclass(eq=False)
+class _Unit:
+    """One locally trained piece: an SSA layer, a dense layer, or a local module (+ tail)."""
+
+    name: str
+    kind: str  # "ssa" | "dense" | "local"
+    head: nn.Module
+    tail: list = field(default_factory=list)
+    cap: dict | None = None
+    out_ref: object = None  # weakref to the unit's output in the last forward
+    is_output: bool = False
+
+    @property
+    def last(self) -> nn.Module:
+        return self.tail[-1] if self.tail else self.head
+
+
+class _Tape:
+    """Routes SSA layer forwards and module hooks of one trainer during one forward."""
+
+    def __init__(self, trainer: Trainer, mode: str, e: Tensor | None = None) -> None:
+        self.trainer, self.mode, self.e = trainer, mode, e  # mode: store | light | apply
+        self.local: list[_Unit] = []
+
+    # SSALinear.forward lands here while the tape is active.
+    def linear(self, layer: SSALinear, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, layer.in_features)
+        if self.local:  # inside a local module: autograd to x, factor gradients by the fused op
+            owner = self.local[-1]
+            if self.mode == "light":
+                with torch.no_grad():
+                    h, _ = layer.lowrank(x2)
+                return h.reshape(*lead, layer.out_features)
+            b = layer.bias.detach() if layer.bias is not None else None
+            h, t = layer.lowrank(x2, (layer.U.detach(), layer.s.detach(), layer.V.detach(), b))
+            if h.requires_grad:
+                h.retain_grad()
+            else:
+                h = h.detach().requires_grad_(True)
+            owner.cap.setdefault("inner", []).append((layer, x2.detach(), t.detach(), h))
+            return h.reshape(*lead, layer.out_features)
+        unit = self.trainer._unit_of.get(layer)
+        with torch.no_grad():
+            h, t = layer.lowrank(x2)
+        out = h.reshape(*lead, layer.out_features)
+        if unit is None:  # an SSA layer the trainer does not train (frozen)
+            return out
+        unit.out_ref = weakref.ref(out)
+        if self.mode == "light":
+            return out
+        unit.cap = {"x": x2, "t": t, "h": h, "lead": lead, "out": out}
+        if not unit.tail and self.mode == "apply":
+            self.trainer._update(unit, self.e)
+        return out
+
+    def head_hook(self, unit: _Unit, inputs, output) -> None:  # dense layers
+        output_ref = weakref.ref(output)
+        unit.out_ref = output_ref
+        if self.mode == "light":
+            return
+        x = inputs[0]
+        unit.cap = {"x": x.reshape(-1, x.shape[-1]), "a": output, "out": output}
+        if not unit.tail and self.mode == "apply":
+            self.trainer._update(unit, self.e)
+
+    def tail_hook(self, unit: _Unit, module: nn.Module, inputs, output) -> None:
+        if module is unit.last:
+            unit.out_ref = weakref.ref(output)
+        if self.mode == "light" or unit.cap is None:
+            return
+        unit.cap[module] = (inputs[0], output)
+        if module is unit.last:
+            unit.cap["out"] = output
+            if self.mode == "apply":
+                self.trainer._update(unit, self.e)
+
+    def local_pre(self, unit: _Unit, args):
+        self.local.append(unit)
+        unit.cap = {} if self.mode != "light" else None
+        unit.grad_mode = torch.is_grad_enabled()
+        if self.mode != "light":
+            torch.set_grad_enabled(True)
+        return tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+
+    def local_post(self, unit: _Unit, output):
+        self.local.pop()
+        torch.set_grad_enabled(unit.grad_mode)
+        if self.mode == "light":
+            detached = output.detach()
+            unit.out_ref = weakref.ref(detached)
+            return detached
+        unit.cap["out"] = output
+        detached = output.detach()
+        unit.out_ref = weakref.ref(detached)
+        if self.mode == "apply":
+            self.trainer._update(unit, self.e)
+        return detached
+
+
+class Trainer:
+    """Trains ``model`` for ``num_classes``-way classification with SSA or a baseline.
+
+    Args:
+        model: a plain PyTorch model; ``method="ssa"`` converts its ``nn.Linear`` layers to
+            :class:`SSALinear` (in place, keeping existing SSA layers, see :func:`ssa.convert`)
+            and folds an activation module that follows an SSA layer in an ``nn.Sequential``
+            into the layer's fused kernel; ``method="bp"`` turns SSA layers back to dense.
+        num_classes: classes ``C`` of the output (the model's last dimension).
+        method: ``"ssa"`` (DESIGN §5-§8) or ``"bp"`` (dense, autograd).
+        loss: :class:`LossConfig` (coefficients and gradient form).
+        optimizer: ``"adam"`` (``fused=True`` where torch supports it), ``"adamw"``, ``"sgd"``
+            (momentum 0.9), or a callable ``params -> torch.optim.Optimizer``.
+        lr: learning rate for the named optimizers.
+        schedule: a :class:`RankSchedule` (``ssa`` only) or ``None``.
+        memory: ``"store"`` or ``"recompute"`` (DESIGN §5; same update, memory flat in depth).
+        reorth_every: re-orthonormalise every SSA layer every this many steps (``None``: never).
+        seed: seeds the conversion, the feedback of dense/local units and ``torch``'s RNG.
+        local_modules: modules (or their qualified names) trained as *local modules*: input
+            detached, DFA signal at the output, autograd inside (DESIGN §5).
+        freeze_norms: leave the affine parameters of norms after SSA layers untrained.
+        rank: initial rank of converted layers (``None``: full).
+        skip: names or types of ``nn.Linear`` layers to leave dense (trained by plain DFA).
+        backend: ``ssa_kernels`` backend for every op.
+        device: move the model there first.
+
+    Other trainable parameters outside SSA layers, dense layers, norms after a layer and
+    local modules make ``method="ssa"`` raise (freeze them with ``requires_grad_(False)`` or
+    declare their module local).
+    """
+
+    def __init__(self, model: nn.Module, num_classes: int, method: str = "ssa",
+                 loss: LossConfig | None = None,
+                 optimizer="adam", lr: float = 1e-3, schedule: RankSchedule | None = None,
+                 memory: str = "store", reorth_every: int | None = None, seed: int = 0, *,
+                 local_modules=(), freeze_norms: bool = False, rank: int | None = None, skip=(),
+                 backend: str = "auto", device=None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Trainer: model must be an nn.Module, got {type(model).__name__}")
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError(f"Trainer: num_classes must be an int >= 2, got {num_classes!r}")
+        if method not in METHODS:
+            raise ValueError(f"Trainer: method must be one of {METHODS}, got {method!r}")
+        if memory not in MEMORY_MODES:
+            raise ValueError(f"Trainer: memory must be one of {MEMORY_MODES}, got {memory!r}")
+        if loss is None:
+            loss = LossConfig()
+        if not isinstance(loss, LossConfig):
+            raise TypeError(f"Trainer: loss must be a LossConfig, got {type(loss).__name__}")
+        if schedule is not None and not isinstance(schedule, RankSchedule):
+            raise TypeError("Trainer: schedule must be a RankSchedule or None, "
+                            f"got {type(schedule).__name__}")
+        if schedule is not None and method != "ssa":
+            raise ValueError(f"Trainer: a rank schedule needs method='ssa', got {method!r}")
+        if reorth_every is not None and (isinstance(reorth_every, bool) or not isinstance(reorth_every, int)
+                                         or reorth_every < 1):
+            raise ValueError(f"Trainer: reorth_every must be None or an int >= 1, got {reorth_every!r}")
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"Trainer: lr must be a positive finite number, got {lr!r}")
+        self.num_classes, self.method, self.loss, self.memory = num_classes, method, loss, memory
+        self.schedule, self.reorth_every, self.seed, self.backend = schedule, reorth_every, seed, backend
+        self.freeze_norms, self.lr = freeze_norms, float(lr)
+        torch.manual_seed(seed)
+        if device is not None:
+            model = model.to(device)
+        self.model = model
+        self.step_count, self.epoch, self.history, self.best_acc = 0, 0, [], -1.0
+        self._hooks: list = []
+        self.units: list[_Unit] = []
+        self._unit_of: dict[nn.Module, _Unit] = {}
+        self.feedback: dict[str, Tensor] = {}
+        if method == "ssa":
+            convert(model, rank=rank, skip=skip, seed=seed)
+            for layer in model.modules():
+                if isinstance(layer, SSALinear):
+                    layer.backend = backend
+            self._prepare_ssa(local_modules)
+        else:
+            to_dense(model)
+        self.optimizer = self._make_optimizer(optimizer)
+
+    # ------------------------------------------------------------------ preparation
+    def _prepare_ssa(self, local_modules) -> None:
+        model = self.model
+        names = {m: n for n, m in model.named_modules()}
+        local = []
+        for item in local_modules:
+            mod = model.get_submodule(item) if isinstance(item, str) else item
+            if mod not in names:
+                raise ValueError(f"Trainer: local module {item!r} is not a submodule of the model")
+            local.append(mod)
+        inside_local = set()
+        for mod in local:
+            inside_local.update(m for m in mod.modules() if m is not mod)
+        self._fold_activations(inside_local)
+        handled: set[int] = set()
+        tails_of: dict[nn.Module, list] = self._tails(inside_local)
+        for mod in local:
+            if mod in inside_local:
+                continue  # nested in another local module: part of it
+            unit = _Unit(names[mod], "local", mod)
+            self._add_unit(unit)
+            handled.update(id(p) for p in mod.parameters())
+        for name, mod in model.named_modules():
+            if mod in inside_local or any(mod is u.head for u in self.units):
+                continue
+            if isinstance(mod, SSALinear) or (isinstance(mod, nn.Linear) and mod.weight.requires_grad):
+                kind = "ssa" if isinstance(mod, SSALinear) else "dense"
+                unit = _Unit(name, kind, mod, tails_of.get(mod, []))
+                self._add_unit(unit)
+                handled.update(id(p) for p in mod.parameters(recurse=False))
+                for t in unit.tail:
+                    if isinstance(t, NORMS) and not self.freeze_norms:
+                        handled.update(id(p) for p in t.parameters())
+        if not self.units:
+            raise ValueError("Trainer: method='ssa' found no layer it can train (no nn.Linear / SSALinear "
+                             "and no local module)")
+        if not any(u.kind in ("ssa", "local") for u in self.units) and not any(
+                isinstance(m, SSALinear) for m in model.modules()):
+            raise ValueError("Trainer: method='ssa' found no SSA layer to train")
+        frozen_norms = {id(p) for u in self.units for t in u.tail if isinstance(t, NORMS)
+                        for p in t.parameters()} if self.freeze_norms else set()
+        orphans = [n for n, p in model.named_parameters()
+                   if p.requires_grad and id(p) not in handled and id(p) not in frozen_norms]
+        if orphans:
+            raise ValueError(f"Trainer: method='ssa' cannot train parameters {orphans[:5]}"
+                             f"{' …' if len(orphans) > 5 else ''}: only SSA layers, dense nn.Linear, "
+                             "norms right after a layer and local modules are trained; declare their module "
+                             "in local_modules= or freeze them with requires_grad_(False)")
+        self._handled = handled
+        for u in self.units:
+            if u.kind == "ssa":
+                u.head.init_feedback(self.num_classes)
+
+    def _fold_activations(self, inside_local) -> None:
+        for parent in self.model.modules():
+            if not isinstance(parent, nn.Sequential) or parent in inside_local:
+                continue
+            keys = list(parent._modules.keys())
+            for i, key in enumerate(keys[:-1]):
+                layer, nxt = parent._modules[key], parent._modules[keys[i + 1]]
+                if isinstance(layer, SSALinear) and layer.activation == "none" and type(nxt) in FUSIBLE:
+                    layer.activation = FUSIBLE[type(nxt)]
+                    if isinstance(nxt, nn.LeakyReLU):
+                        layer.negative_slope = float(nxt.negative_slope)
+                    parent._modules[keys[i + 1]] = nn.Identity()
+
+    def _tails(self, inside_local) -> dict:
+        tails = {}
+        for parent in self.model.modules():
+            if not isinstance(parent, nn.Sequential) or parent in inside_local:
+                continue
+            mods = list(parent._modules.values())
+            for i, mod in enumerate(mods):
+                if not isinstance(mod, (nn.Linear, SSALinear)):
+                    continue
+                tail = []
+                for nxt in mods[i + 1:]:
+                    if isinstance(nxt, NORMS) and not tail:
+                        tail.append(nxt)
+                    elif isinstance(nxt, ELEMENTWISE + DROPOUTS) and not isinstance(nxt, NORMS):
+                        tail.append(nxt)
+                    else:
+                        break
+                while tail and isinstance(tail[-1], nn.Identity):
+                    tail.pop()
+                tails[mod] = tail
+        return tails
+
+    def _add_unit(self, unit: _Unit) -> None:
+        self.units.append(unit)
+        self._unit_of[unit.head] = unit
+        mine = self
+
+        def active():
+            tape = _tape.active()
+            return tape if tape is not None and tape.trainer is mine else None
+
+        if unit.kind == "dense":
+            def head_hook(module, inputs, output, unit=unit):
+                tape = active()
+                if tape is not None:
+                    tape.head_hook(unit, inputs, output)
+            self._hooks.append(unit.head.register_forward_hook(head_hook))
+        if unit.kind == "local":
+            def pre(module, args, unit=unit):
+                tape = active()
+                return tape.local_pre(unit, args) if tape is not None else None
+
+            def post(module, args, output, unit=unit):
+                tape = active()
+                return tape.local_post(unit, output) if tape is not None else None
+            self._hooks.append(unit.head.register_forward_pre_hook(pre))
+            self._hooks.append(unit.head.register_forward_hook(post))
+        for t in unit.tail:
+            def tail_hook(module, inputs, output, unit=unit):
+                tape = active()
+                if tape is not None:
+                    tape.tail_hook(unit, module, inputs, output)
+            self._hooks.append(t.register_forward_hook(tail_hook))
+        if unit.kind in ("dense", "local"):
+            self.feedback[unit.name] = None  # built at the first step, when d is known
+
+    def _trainable(self) -> list[nn.Parameter]:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.method == "ssa":
+            params = [p for p in params if id(p) in self._handled]
+        return params
+
+    def _make_optimizer(self, optimizer) -> torch.optim.Optimizer:
+        params = self._trainable()
+        if callable(optimizer) and not isinstance(optimizer, str):
+            opt = optimizer(params)
+            if not isinstance(opt, torch.optim.Optimizer):
+                raise TypeError("Trainer: an optimizer callable must return a torch.optim.Optimizer")
+            return opt
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"Trainer: optimizer must be one of {OPTIMIZERS} or a callable, "
+                             f"got {optimizer!r}")
+        if optimizer == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
+        cls = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
+        try:
+            return cls(params, lr=self.lr, fused=True)
+        except (RuntimeError, ValueError, TypeError):  # fused kernels unsupported for this device/dtype
+            return cls(params, lr=self.lr)
+
+    # ------------------------------------------------------------------ queries
+    def ssa_layers(self) -> dict[str, SSALinear]:
+        """The model's SSA layers by qualified name."""
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, SSALinear)}
+
+    def ranks(self) -> dict[str, int]:
+        return {n: m.rank for n, m in self.ssa_layers().items()}
+
+    def ortho_errors(self) -> dict[str, float]:
+        return {n: m.ortho_error() for n, m in self.ssa_layers().items()}
+
+    def param_count(self) -> int:
+        """Trainable parameters as the model stands (factors count ``(m + n + 1) r``)."""
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    @property
+    def device(self) -> torch.device:
+        p = next(self.model.parameters(), None)
+        return p.device if p is not None else torch.device("cpu")
+
+    # ------------------------------------------------------------------ checks
+    def _check_batch(self, x: Tensor, y: Tensor) -> None:
+        if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+            raise TypeError("Trainer: x and y must be Tensors")
+        if y.dim() != 1 or y.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16, torch.int8):
+            raise ValueError(f"Trainer: y must be a 1-D integer tensor of class labels, got shape "
+                             f"{tuple(y.shape)} dtype {y.dtype}")
+        if x.shape[0] != y.shape[0]:
+            raise ValueError(f"Trainer: x has {x.shape[0]} samples but y has {y.shape[0]}")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
+            raise ValueError(f"Trainer: labels must be in [0, num_classes={self.num_classes}), got range "
+                             f"[{int(y.min())}, {int(y.max())}]")
+
+    def _check_output(self, z: Tensor) -> None:
+        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] != self.num_classes:
+            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"Trainer: the model output must be (batch, num_classes={self.num_classes}), "
+                             f"got {shape}: num_classes does not match the output layer")
+
+    # ------------------------------------------------------------------ the local update
+    def error(self, z: Tensor, y: Tensor) -> Tensor:
+        """``e = (softmax(z) − onehot(y)) / p`` (DESIGN §5), the gradient of the mean cross-entropy."""
+        p = z.shape[0]
+        e = z.float().softmax(1)
+        e[torch.arange(p, device=z.device), y] -= 1
+        return (e / p).to(z.dtype)
+
+    def record(self):
+        """Context manager: a forward inside it records what :meth:`local_backward` needs.
+
+        For your own loop::
+
+            with trainer.record():
+                z = model(x)
+            trainer.local_backward(z, y)      # fills .grad of every trained parameter
+            optimizer.step(); optimizer.zero_grad()
+        """
+        if self.method != "ssa":
+            raise RuntimeError("Trainer.record: only method='ssa' records; for 'bp' use autograd")
+        self._clear()
+        return _tape.activate(_Tape(self, "store"))
+
+    @torch.no_grad()
+    def local_backward(self, z: Tensor, y: Tensor) -> Tensor:
+        """The SSA update of every unit from the forward recorded by :meth:`record`.
+
+        Accumulates into ``.grad`` (and all-reduces under ``torch.distributed``); returns
+        the mean cross-entropy of ``z``.
+        """
+        self._check_output(z)
+        self._check_batch(z, y)
+        loss = F.cross_entropy(z.float(), y)
+        self._raise_if_nonfinite(loss)
+        e = self.error(z, y)
+        self._mark_output(z)
+        for unit in self.units:
+            if unit.cap is not None:
+                self._update(unit, e)
+        self._clear()
+        self._all_reduce()
+        return loss
+
+    def _mark_output(self, z: Tensor) -> None:
+        for unit in self.units:
+            ref = unit.out_ref() if unit.out_ref is not None else None
+            unit.is_output = _same(ref, z)
+
+    def _clear(self) -> None:
+        for unit in self.units:
+            unit.cap = None
+
+    def _raise_if_nonfinite(self, loss: Tensor) -> None:
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"Trainer: non-finite loss ({float(loss)}) at step "
+                                     f"{self.step_count + 1}; "
+                                     "the step was not applied (the last checkpoint is kept)")
+
+    def _feedback_dense(self, unit: _Unit, d: int, like: Tensor) -> Tensor:
+        B = self.feedback.get(unit.name)
+        if B is None or B.shape[0] != d:
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(unit.name.encode()))
+            B = torch.randn(d, self.num_classes, generator=gen, dtype=torch.float64)
+            B = B / B.norm(dim=0, keepdim=True)  # unit-norm columns: ‖B‖_F² = C
+            B = B.to(device=like.device, dtype=like.dtype)
+            self.feedback[unit.name] = B
+        return B
+
+    def _signal(self, unit: _Unit, out: Tensor, e: Tensor) -> Tensor:
+        """``δ`` at the unit's output: ``e`` for the output unit, the DFA projection otherwise."""
+        if unit.is_output:
+            if out.shape != e.shape:
+                raise ValueError(f"Trainer: output unit {unit.name} has shape {tuple(out.shape)}, expected "
+                                 f"{tuple(e.shape)}")
+            return e.to(out.dtype)
+        chan = 1 if out.dim() == 4 else out.dim() - 1  # conv maps: channels; sequences: features
+        d = out.shape[chan]
+        e = e.to(out.dtype)
+        if unit.kind == "ssa":
+            L = unit.head
+            dh = feedback_signal(e, L.feedback_P, L.feedback_sigma, L.feedback_Q)
+        else:
+            dh = e @ self._feedback_dense(unit, d, out).t()
+        if out.dim() == 2:
+            return dh
+        shape = [out.shape[0]] + [1] * (out.dim() - 1)
+        shape[chan] = d
+        return dh.reshape(shape).expand(out.shape)
+
+    def _through_tail(self, unit: _Unit, delta: Tensor) -> Tensor:
+        for module in reversed(unit.tail):
+            inp, out = unit.cap[module]
+            if isinstance(module, nn.Identity):
+                continue
+            if isinstance(module, DROPOUTS):
+                if module.training and module.p > 0:
+                    delta = delta * (out != 0).to(delta.dtype) / (1 - module.p)
+            elif type(module) in FUSIBLE:
+                slope = float(getattr(module, "negative_slope", 0.01))
+                delta = delta * activation_grad(out, FUSIBLE[type(module)], slope)
+            elif isinstance(module, NORMS):
+                self._norm_grads(module, inp, delta)  # the error path treats the norm as forward-only
+            else:
+                with torch.enable_grad():
+                    xi = inp.detach().requires_grad_(True)
+                    delta = torch.autograd.grad(module(xi), xi, delta)[0]
+        return delta
+
+    def _norm_grads(self, norm: nn.Module, inp: Tensor, delta: Tensor) -> None:
+        if self.freeze_norms or norm.weight is None:
+            return
+        if isinstance(norm, nn.LayerNorm):
+            xhat = F.layer_norm(inp, norm.normalized_shape, None, None, norm.eps)
+            dims = tuple(range(inp.dim() - len(norm.normalized_shape)))
+        else:
+            use_batch = norm.training or norm.running_mean is None
+            xhat = F.batch_norm(inp, None if use_batch else norm.running_mean,
+                                None if use_batch else norm.running_var, None, None, use_batch, 0.0, norm.eps)
+            dims = (0,) + tuple(range(2, inp.dim()))
+        _accumulate(norm.weight, (delta * xhat).sum(dims))
+        if norm.bias is not None:
+            _accumulate(norm.bias, delta.sum(dims))
+
+    def _hoyer_on(self, layer: SSALinear) -> bool:
+        return (self.loss.hoyer > 0 and self.schedule is not None and not layer.frozen_rank
+                and self.schedule.hoyer_active(self.epoch))
+
+    def _factor_grads(self, layer: SSALinear, x2: Tensor, t: Tensor, delta: Tensor) -> None:
+        kw = self.loss.factor_kwargs(self._hoyer_on(layer))
+        targets = {}
+        if kw["align"] > 0:
+            targets = dict(BU=layer.target_U, BS=layer.target_s, BV=layer.target_V)
+        gU, gs, gV, gb = ssa_kernels.svd_factor_grads(x2, t, delta.reshape(x2.shape[0], -1), layer.U.detach(),
+                                                      layer.s.detach(), layer.V.detach(), **targets, **kw,
+                                                      backend=self.backend)
+        _accumulate(layer.U, gU)
+        _accumulate(layer.s, gs)
+        _accumulate(layer.V, gV)
+        if layer.bias is not None:
+            _accumulate(layer.bias, gb)
+
+    @torch.no_grad()
+    def _update(self, unit: _Unit, e: Tensor) -> None:
+        cap = unit.cap
+        if unit.kind == "local":
+            self._update_local(unit, e)
+        else:
+            out = cap["out"]
+            layer = unit.head
+            fused = unit.kind == "ssa" and not unit.tail and not unit.is_output and out.dim() == 2
+            if fused:  # the fully fused path: projection + activation mask (+ cosine) in one op
+                a = None
+                if self.loss.cos > 0:
+                    a = (cap["t"] * layer.s) @ layer.U.t()
+                    if layer.bias is not None:
+                        a = a + layer.bias
+                delta = ssa_kernels.dfa_project(e.to(out.dtype), layer.feedback_P, layer.feedback_sigma,
+                                                layer.feedback_Q, cap["h"], layer.activation, a=a,
+                                                cos=float(self.loss.cos), negative_slope=layer.negative_slope,
+                                                backend=self.backend)
+            else:
+                delta = self._through_tail(unit, self._signal(unit, out, e))
+                if unit.kind == "ssa" and layer.activation != "none":
+                    h = cap["h"].reshape(delta.shape)
+                    delta = delta * activation_grad(h, layer.activation, layer.negative_slope)
+            if unit.kind == "ssa":
+                self._factor_grads(layer, cap["x"], cap["t"], delta)
+            else:
+                d2 = delta.reshape(-1, delta.shape[-1])
+                _accumulate(layer.weight, d2.t() @ cap["x"])
+                if layer.bias is not None:
+                    _accumulate(layer.bias, d2.sum(0))
+        unit.cap = None
+
+    def _update_local(self, unit: _Unit, e: Tensor) -> None:
+        cap = unit.cap
+        out = cap["out"]
+        delta = self._signal(unit, out.detach(), e)
+        if out.requires_grad:
+            with torch.enable_grad():
+                torch.autograd.backward(out, delta)
+        for layer, x2, t, h in cap.get("inner", []):
+            g = h.grad if h.grad is not None else torch.zeros_like(h)
+            fprime = activation_grad(h.detach(), layer.activation, layer.negative_slope)
+            d = g.reshape(x2.shape[0], -1) * fprime.reshape(x2.shape[0], -1)
+            self._factor_grads(layer, x2, t, d)
+
+    def _all_reduce(self) -> None:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        world = dist.get_world_size()
+        for p in self._trainable():
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(world)
+
+    # ------------------------------------------------------------------ one step
+    def step(self, x: Tensor, y: Tensor) -> dict:
+        """One training step on a batch; returns ``{"loss", "acc", "n"}`` of the batch (before the step)."""
+        self._check_batch(x, y)
+        dev = self.device
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.method == "bp":
+            z = self.model(x)
+            self._check_output(z)
+            loss = F.cross_entropy(z.float(), y)
+            self._raise_if_nonfinite(loss.detach())
+            loss.backward()
+            self._all_reduce()
+        elif self.memory == "store":
+            with self.record():
+                z = self.model(x)
+            loss = self.local_backward(z, y)
+        else:
+            z, loss = self._recompute_step(x, y)
+        self.optimizer.step()
+        self.step_count += 1
+        if self.method == "ssa" and self.reorth_every and self.step_count % self.reorth_every == 0:
+            for layer in self.ssa_layers().values():
+                layer.reorthonormalize()
+        with torch.no_grad():
+            acc = (z.argmax(1) == y).float().mean()
+        return {"loss": float(loss.detach()), "acc": float(acc), "n": int(y.shape[0])}
+
+    @torch.no_grad()
+    def _recompute_step(self, x: Tensor, y: Tensor):
+        """DESIGN §5 ``recompute``: a light forward for ``e``, then a forward that updates as it goes."""
+        rng = torch.get_rng_state()
+        cuda_rng = torch.cuda.get_rng_state_all() if x.is_cuda else None
+        stats = {n: b.clone() for n, b in self.model.named_buffers() if "running" in n or "num_batches" in n}
+        self._clear()
+        with _tape.activate(_Tape(self, "light")):
+            z = self.model(x)
+        self._check_output(z)
+        self._check_batch(z, y)
+        loss = F.cross_entropy(z.float(), y)
+        self._raise_if_nonfinite(loss)
+        e = self.error(z, y)
+        self._mark_output(z)
+        del z
+        for name, buf in self.model.named_buffers():  # the second forward must see the same statistics
+            if name in stats:
+                buf.copy_(stats[name])
+        torch.set_rng_state(rng)
+        if cuda_rng is not None:
+            torch.cuda.set_rng_state_all(cuda_rng)
+        with _tape.activate(_Tape(self, "apply", e)):  # units keep is_output from the first pass
+            z = self.model(x)
+        self._clear()
+        self._all_reduce()
+        return z, loss
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, loader) -> dict:
+        """Mean cross-entropy, top-1 and top-5 accuracy (fractions in [0, 1]) over ``loader``."""
+        was_training = self.model.training
+        self.model.eval()
+        dev = self.device
+        total = loss = correct = top5 = 0.0
+        k = min(5, self.num_classes)
+        for x, y in loader:
+            x, y = x.to(dev), y.to(dev)
+            self._check_batch(x, y)
+            z = self.model(x)
+            self._check_output(z)
+            loss += float(F.cross_entropy(z.float(), y, reduction="sum"))
+            correct += float((z.argmax(1) == y).sum())
+            top5 += float((z.topk(k, 1).indices == y[:, None]).any(1).sum())
+            total += y.shape[0]
+        self.model.train(was_training)
+        if total == 0:
+            raise ValueError("Trainer.evaluate: the loader yielded no samples")
+        return {"loss": loss / total, "acc": correct / total, "top5": top5 / total}
+
+    # ------------------------------------------------------------------ epochs
+    def end_epoch(self) -> dict[str, int]:
+        """Apply the rank schedule after epoch ``self.epoch``; returns the layers cut and their new ranks."""
+        cut = {}
+        if self.schedule is not None:
+            for unit in self.units:
+                if unit.kind != "ssa":
+                    continue
+                new = self.schedule.step_layer(unit.head, self.epoch, is_output=unit.is_output,
+                                               optimizer=self.optimizer)
+                if new is not None:
+                    cut[unit.name] = new
+        self.epoch += 1
+        return cut
+
+    def fit(self, train_loader, epochs: int, val_loader=None, checkpoint_dir=None, progress: bool = False,
+            resume: bool = False) -> list[dict]:
+        """Train for ``epochs`` epochs (in total, counting resumed ones); returns the history.
+
+        Each epoch appends ``{"epoch", "train_loss", "train_acc", "val_loss", "val_acc",
+        "val_top5", "time_s", "ranks", "ortho", "cut"}``. With ``checkpoint_dir``, writes
+        ``latest.pt`` after every epoch and ``best.pt`` when the validation accuracy improves;
+        ``resume=True`` continues from ``latest.pt`` there (same numbers as an uninterrupted run
+        on the CPU). A non-finite loss stops the run with ``FloatingPointError`` and leaves the
+        last good checkpoint in place.
+        """
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"Trainer.fit: epochs must be an int >= 1, got {epochs!r}")
+        latest = os.path.join(checkpoint_dir, "latest.pt") if checkpoint_dir else None
+        if resume:
+            if latest is None:
+                raise ValueError("Trainer.fit: resume=True needs checkpoint_dir")
+            if os.path.exists(latest):
+                self.load_checkpoint(latest, train_loader)
+        if checkpoint_dir:
+            os.makedirs(checkpoint_dir, exist_ok=True)
+        start = time.perf_counter() - (self.history[-1]["time_s"] if self.history else 0.0)
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # pragma: no cover
+            tqdm = None
+        while self.epoch < epochs:
+            batches = train_loader
+            if progress and tqdm is not None:
+                batches = tqdm(train_loader, desc=f"{self.method} epoch {self.epoch + 1}/{epochs}",
+                               leave=False)
+            loss_sum = acc_sum = count = 0.0
+            for x, y in batches:
+                stats = self.step(x, y)
+                loss_sum += stats["loss"] * stats["n"]
+                acc_sum += stats["acc"] * stats["n"]
+                count += stats["n"]
+            cut = self.end_epoch()
+            val = self.evaluate(val_loader) if val_loader is not None else {}
+            row = {"epoch": self.epoch, "train_loss": loss_sum / max(count, 1),
+                   "train_acc": acc_sum / max(count, 1),
+                   "val_loss": val.get("loss"), "val_acc": val.get("acc"), "val_top5": val.get("top5"),
+                   "time_s": time.perf_counter() - start, "ranks": self.ranks(), "ortho": self.ortho_errors(),
+                   "cut": cut}
+            self.history.append(row)
+            if progress:
+                msg = f"{self.method} epoch {self.epoch}/{epochs}: train loss {row['train_loss']:.4f}"
+                if val:
+                    msg += f", val acc {val['acc']:.4f}"
+                (tqdm.write if tqdm is not None else print)(msg)
+            if checkpoint_dir:
+                improved = val.get("acc") is not None and val["acc"] > self.best_acc
+                if improved:
+                    self.best_acc = val["acc"]
+                self.save_checkpoint(latest, train_loader)
+                if improved:
+                    self.save_checkpoint(os.path.join(checkpoint_dir, "best.pt"), train_loader)
+        return self.history
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Model, ranks, feedback, optimizer, schedule, RNG, epoch and history."""
+        return {
+            "format": 1, "method": self.method, "num_classes": self.num_classes,
+            "model": self.model.state_dict(), "ranks": self.ranks(),
+            "optimizer": self.optimizer.state_dict(),
+            "feedback": {k: v for k, v in self.feedback.items() if v is not None},
+            "schedule": self.schedule.to_dict() if self.schedule is not None else None,
+            "loss": self.loss.to_dict(), "epoch": self.epoch, "step": self.step_count,
+            "history": copy.deepcopy(self.history), "best_acc": self.best_acc,
+            "rng": {"torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`'s output; truncated layers are resized first."""
+        if state.get("method") != self.method:
+            raise ValueError(f"Trainer.load_state_dict: checkpoint of method {state.get('method')!r}, "
+                             f"this trainer is {self.method!r}")
+        if state.get("num_classes") != self.num_classes:
+            raise ValueError(f"Trainer.load_state_dict: checkpoint for {state.get('num_classes')} classes, "
+                             f"this trainer has {self.num_classes}")
+        self.model.load_state_dict(state["model"])  # SSALinear resizes itself to the saved rank
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.feedback.update({k: v.to(self.device) for k, v in state["feedback"].items()})
+        if state.get("schedule") is not None:
+            self.schedule = RankSchedule(**state["schedule"])
+        self.epoch, self.step_count = int(state["epoch"]), int(state["step"])
+        self.history, self.best_acc = copy.deepcopy(state["history"]), float(state["best_acc"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save_checkpoint(self, path: str, train_loader=None) -> None:
+        """Write :meth:`state_dict` (plus the loader's shuffle RNG) atomically to ``path``."""
+        state = self.state_dict()
+        gen = getattr(train_loader, "generator", None)
+        state["rng"]["loader"] = gen.get_state() if isinstance(gen, torch.Generator) else None
+        tmp = path + ".tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str, train_loader=None) -> None:
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.load_state_dict(state)
+        gen = getattr(train_loader, "generator", None)
+        if isinstance(gen, torch.Generator) and state["rng"].get("loader") is not None:
+            gen.set_state(state["rng"]["loader"])
+
+
+def _accumulate(param: nn.Parameter, grad: Tensor) -> None:
+    """Add ``grad`` into ``param.grad`` as autograd would."""
+    grad = grad.to(param.dtype)
+    if param.grad is None:
+        param.grad = grad.clone() if grad.data_ptr() == param.data_ptr() else grad.contiguous()
+    else:
+        param.grad.add_(grad)

@@ -1,0 +1,53 @@
+"""``python -m ssa train``: files written, table printed, bad arguments refused."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import yaml
+
+import ssa.cli
+
+
+def test_train_writes_every_artifact(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert ssa.cli.main(["train", "--method", "ssa,bp", "--epochs", "2", "--interval", "1", "--quiet",
+                         "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "test acc" in printed and "ssa" in printed and "bp" in printed
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["method"] == ["ssa", "bp"] and config["epochs"] == 2
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results] == ["ssa", "bp"]
+    for r in results:
+        assert 0 <= r["test_acc"] <= 1 and 0 <= r["test_top5"] <= 1 and r["params"] > 0 and r["epochs"] == 2
+    assert results[0]["ranks"] and results[1]["ranks"] == {}
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [(r["method"], r["epoch"]) for r in rows] == [("ssa", "1"), ("ssa", "2"), ("bp", "1"), ("bp", "2")]
+    assert rows[0]["rank/1"] and rows[2]["rank/1"] == ""
+    assert int(rows[1]["rank/3"]) < 256  # the schedule cut after epoch 2 (interval 1)
+    for name in ("curves.png", "ranks.png", "ortho.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    for method in ("ssa", "bp"):
+        assert (out / method / "latest.pt").exists() and (out / method / "best.pt").exists()
+
+
+def test_resume_runs_only_the_missing_epochs(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--method", "ssa", "--quiet", "--no-plots", "--out", str(out)]
+    ssa.cli.main(args + ["--epochs", "1"])
+    ssa.cli.main(args + ["--epochs", "2", "--resume"])
+    results = json.loads((out / "results.json").read_text())
+    assert results[0]["epochs"] == 2
+
+
+@pytest.mark.parametrize("argv", [["train", "--method", "sgd"], ["train", "--model", "resnet999"],
+                                  ["train", "--dataset", "imagenet42"], ["train", "--epochs", "0"],
+                                  ["train", "--method", "ssa,ssa"], ["fly"]])
+def test_bad_arguments_exit_with_code_2(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        ssa.cli.main(argv)
+    assert info.value.code == 2
+    assert "error" in capsys.readouterr().err
