@@ -19,13 +19,13 @@ log = logging.getLogger("ssa")
 FUNCTIONAL_PARENTS = (nn.MultiheadAttention,)
 
 
-def _skipped(name: str, module: nn.Module, skip) -> bool:
+def _skipped(name: str, module: nn.Module, skip, typed: set[str]) -> bool:
     for item in skip:
         if isinstance(item, str) and (name == item or name.startswith(item + ".")):
             return True
         if isinstance(item, type) and isinstance(module, item):
             return True
-    return False
+    return any(name.startswith(prefix + ".") for prefix in typed)
 
 
 def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -> nn.Module:
@@ -35,7 +35,8 @@ def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -
     ``rank`` leading triplets (``None``: full rank; an int is clipped to nothing — it must be
     ``<= min(in, out)`` of every converted layer) and seed ``seed + i`` for the ``i``-th
     converted layer. Existing SSA layers are kept. ``skip`` holds qualified module names
-    (a name also skips everything under it) or module types to leave dense.
+    or module types to leave dense (a name, or a module of a listed type, also skips every
+    linear layer under it).
 
     Left dense with a warning, because SSA could not train them correctly: linear layers
     whose parent never calls them (``nn.MultiheadAttention.out_proj``) and linear layers
@@ -50,6 +51,8 @@ def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -
         raise ValueError(f"convert: rank must be None or an int >= 1, got {rank!r}")
     if isinstance(model, nn.Linear) and not isinstance(model, SSALinear):
         raise TypeError("convert: model is itself an nn.Linear; use SSALinear.from_dense(model)")
+    types = tuple(t for t in skip if isinstance(t, type))
+    typed = {n for n, m in model.named_modules() if n and types and isinstance(m, types)}
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     counts: Counter = Counter()
     left: list[str] = []
@@ -59,7 +62,7 @@ def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -
             if type(child) is SSALinear or not isinstance(child, nn.Linear):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if _skipped(name, child, skip):
+            if _skipped(name, child, skip, typed):
                 counts["skipped"] += 1
                 left.append(name)
                 continue

@@ -90,8 +90,9 @@ class SSALinear(nn.Module):
         self.U = nn.Parameter(U[:, :r0].to(**factory).contiguous())
         self.s = nn.Parameter(s[:r0].to(**factory))
         self.V = nn.Parameter(Vh[:r0].t().to(**factory).contiguous())
-        self.bias = nn.Parameter(b.to(**factory)) if bias else None
-        if not bias:
+        if bias:
+            self.bias = nn.Parameter(b.to(**factory))
+        else:
             self.register_parameter("bias", None)
         self.register_buffer("target_U", BU.to(**factory))
         self.register_buffer("target_s", BS.to(**factory))
