@@ -8,6 +8,7 @@ import platform
 import torch
 
 import ssa_kernels
+from ssa import metrics
 from ssa_kernels import reference as ref
 
 
@@ -57,33 +58,8 @@ def versions() -> dict:
     return out
 
 
-def cpu_peak_bytes(fn) -> int:
-    """Peak bytes allocated by ``fn`` on the CPU, from the profiler's memory events.
-
-    (tracemalloc does not see tensor storage; DESIGN §10.) Events are replayed in time
-    order, each op counting its own allocations and frees.
-    """
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    cur = peak = 0
-    for e in events:
-        cur += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
-
-
 def peak_bytes(fn, dev: str) -> int:
-    if dev == "cuda":
-        sync(dev)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        sync(dev)
-        return torch.cuda.max_memory_allocated() - base
-    return cpu_peak_bytes(fn)
+    return metrics.peak_bytes(fn, dev)
 
 
 def run(benchmark, fn, dev: str, flops: float, nbytes: float, **info) -> None:

@@ -25,7 +25,7 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # ``ssa.data`` / ``ssa.models`` / ``ssa.cli`` load on first use (data needs scikit-learn).
-    if name in ("data", "models", "cli", "plots"):
+    # Submodules load on first use (``data`` needs scikit-learn, ``plots`` matplotlib).
+    if name in ("data", "models", "cli", "plots", "metrics"):
         return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'ssa' has no attribute {name!r}")

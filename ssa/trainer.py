@@ -458,18 +458,22 @@ class Trainer:
         Accumulates into ``.grad`` (and all-reduces under ``torch.distributed``); returns
         the mean cross-entropy of ``z``.
         """
-        self._check_output(z)
-        self._check_batch(z, y)
-        loss = F.cross_entropy(z.float(), y)
-        self._raise_if_nonfinite(loss)
-        e = self.error(z, y)
-        self._mark_output(z)
+        loss, e = self._output_error(z, y)
         for unit in self.units:
             if unit.cap is not None:
                 self._update(unit, e)
         self._clear()
         self._all_reduce()
         return loss
+
+    def _output_error(self, z: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Checks, the mean cross-entropy (non-finite: raise) and ``e``; marks the output unit."""
+        self._check_output(z)
+        self._check_batch(z, y)
+        loss = F.cross_entropy(z.float(), y)
+        self._raise_if_nonfinite(loss)
+        self._mark_output(z)
+        return loss, self.error(z, y)
 
     def _mark_output(self, z: Tensor) -> None:
         for unit in self.units:
@@ -665,12 +669,7 @@ class Trainer:
         self._clear()
         with _tape.activate(_Tape(self, "light")):
             z = self.model(x)
-        self._check_output(z)
-        self._check_batch(z, y)
-        loss = F.cross_entropy(z.float(), y)
-        self._raise_if_nonfinite(loss)
-        e = self.error(z, y)
-        self._mark_output(z)
+        loss, e = self._output_error(z, y)
         del z
         for name, buf in self.model.named_buffers():  # the second forward must see the same statistics
             if name in stats:

@@ -271,45 +271,26 @@ def _deep(depth, width=64, rank=None, dropout=0.0):
     return ssa.convert(nn.Sequential(*layers), rank=rank)
 
 
-def test_recompute_gives_the_same_update_as_store():
+def _with_local_block():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.2), nn.GELU(), nn.Linear(16, 16))
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), block, nn.ReLU(), nn.Linear(16, 5))
+    return model, dict(local_modules=[block])
+
+
+@pytest.mark.parametrize("build", [lambda: (_deep(5, width=32, dropout=0.3), {}), _with_local_block],
+                         ids=["norm-dropout-tails", "local-module"])
+def test_recompute_gives_the_same_update_as_store(build):
     x, y = batch(p=16)
     out = {}
     for memory in ("store", "recompute"):
-        model = _deep(5, width=32, dropout=0.3)
-        tr = ssa.Trainer(model, 5, memory=memory, seed=1)
+        model, kw = build()
+        tr = ssa.Trainer(model, 5, memory=memory, seed=1, **kw)
         torch.manual_seed(7)
         for _ in range(3):
             tr.step(x, y)
         out[memory] = params(model)
     assert_same(out["store"], out["recompute"], rtol=1e-6, atol=1e-7)
-
-
-def test_recompute_with_a_local_module_gives_the_same_update():
-    x, y = batch(p=16)
-    out = {}
-    for memory in ("store", "recompute"):
-        torch.manual_seed(0)
-        block = nn.Sequential(nn.Linear(16, 16), nn.Dropout(0.2), nn.GELU(), nn.Linear(16, 16))
-        model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), block, nn.ReLU(), nn.Linear(16, 5))
-        tr = ssa.Trainer(model, 5, memory=memory, seed=1, local_modules=[block])
-        torch.manual_seed(7)
-        for _ in range(3):
-            tr.step(x, y)
-        out[memory] = params(model)
-    assert_same(out["store"], out["recompute"], rtol=1e-6, atol=1e-7)
-
-
-def _peak_bytes(fn) -> int:
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(prof.events(), key=lambda ev: ev.time_range.start)
-    cur = peak = 0
-    for ev in events:
-        cur += ev.cpu_memory_usage if ev.name == "[memory]" else ev.self_cpu_memory_usage
-        peak = max(peak, cur)
-    return peak
 
 
 def test_recompute_peak_memory_is_flat_in_depth():
@@ -320,7 +301,7 @@ def test_recompute_peak_memory_is_flat_in_depth():
             model = _deep(depth, width=128, rank=4)
             tr = ssa.Trainer(model, 5, memory=memory)
             tr.step(x, y)  # optimizer state exists before measuring
-            peaks[memory, depth] = _peak_bytes(lambda tr=tr: tr.step(x, y))
+            peaks[memory, depth] = ssa.metrics.cpu_peak_bytes(lambda tr=tr: tr.step(x, y))
     act = 1024 * 128 * 4  # one layer's activation
     assert peaks["store", 16] - peaks["store", 4] > 12 * 2 * act  # x and h kept per layer
     assert peaks["recompute", 16] - peaks["recompute", 4] < 2 * act
