@@ -56,7 +56,7 @@ def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     counts: Counter = Counter()
     left: list[str] = []
-    index = 0
+    todo: list[tuple[nn.Module, str, nn.Linear]] = []  # swapped only once every layer passed the checks
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if type(child) is SSALinear or not isinstance(child, nn.Linear):
@@ -81,9 +81,10 @@ def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -
             if rank is not None and rank > full:
                 raise ValueError(f"convert: rank {rank} exceeds min(in_features, out_features) = {full} "
                                  f"of layer {name!r}")
-            setattr(parent, child_name, SSALinear.from_dense(child, rank=rank, seed=seed + index))
-            index += 1
+            todo.append((parent, child_name, child))
             counts[type(child).__name__] += 1
+    for index, (parent, child_name, child) in enumerate(todo):
+        setattr(parent, child_name, SSALinear.from_dense(child, rank=rank, seed=seed + index))
     summary = ", ".join(f"{n} {k} -> SSALinear" for k, n in counts.items() if k != "skipped")
     log.info("convert: %s; %d left dense%s", summary or "nothing converted", len(left),
              f" ({', '.join(left)})" if left else "")

@@ -188,6 +188,12 @@ class SSALinear(nn.Module):
         decreasing ``s`` and permutes ``optimizer``'s state of ``U, s, V`` the same way.
         """
         U, s, V = ssa_kernels.reorthonormalize(self.U.detach(), self.s.detach(), self.V.detach())
+        # The SVD returns s >= 0: where a singular value had gone negative, keep its sign (and
+        # V's column) as it was, so optimizer state and targets keep meaning the same thing.
+        neg = self.s.detach() < 0
+        if bool(neg.any()):
+            sign = torch.where(neg, -1.0, 1.0).to(s.dtype)
+            s, V = s * sign, V * sign
         if sort:
             perm = torch.argsort(s.abs(), descending=True)
             signs = torch.where(s[perm] < 0, -1.0, 1.0).to(s.dtype)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from fractions import Fraction
 
 import torch
 
@@ -66,13 +67,15 @@ class RankSchedule:
         return next_cut < self.total_epochs
 
     def floor(self, r0: int) -> int:
-        return max(1, math.ceil(self.min_fraction * r0))
+        return max(1, math.ceil(_decimal(self.min_fraction) * r0))
 
     def target(self, epoch: int, r0: int) -> int:
         """The linear-decay target rank after 0-based ``epoch`` (before the energy check)."""
+        # ceil(r0 · (1 − (k // interval) / ((K − start) / interval))) in exact integer arithmetic:
+        # in floats, 9 · (1 − 1/3) = 6.000000000000001 would ceil to 7.
         k = epoch - self.start_epoch + 1
-        span = (self.total_epochs - self.start_epoch) / self.interval
-        return math.ceil(r0 * (1 - (k // self.interval) / span))
+        span = self.total_epochs - self.start_epoch
+        return -(-r0 * (span - (k // self.interval) * self.interval) // span)
 
     # ------------------------------------------------------------------ the step
     def step_layer(self, layer, epoch: int, is_output: bool = False, optimizer=None) -> int | None:
@@ -84,7 +87,7 @@ class RankSchedule:
         r0 = layer.r0
         floor = self.floor(r0)
         target = self.target(epoch, r0)
-        if target <= self.zeta * r0:  # late phase: energy check
+        if target <= _decimal(self.zeta) * r0:  # late phase: energy check (0.7 · 90 is 63, not 62.99…)
             layer.reorthonormalize(sort=True, optimizer=optimizer)
             s2 = layer.s.detach().double().pow(2)
             cum = torch.cumsum(s2, 0)
@@ -100,3 +103,8 @@ class RankSchedule:
             layer.truncate(new_rank, optimizer=optimizer)
             return new_rank
         return None
+
+
+def _decimal(value: float) -> Fraction:
+    """``value`` as the decimal it prints as (``0.7`` is 7/10), so thresholds times ranks are exact."""
+    return Fraction(str(value))

@@ -1,0 +1,222 @@
+"""ssa.RankSchedule against an independent transcription of the DESIGN §8 pseudo-code, on a fake layer
+and on a real SSALinear; Hoyer epochs; bad arguments."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+import ssa
+
+
+class FakeLayer:
+    """What RankSchedule may touch on a layer, recording the surgery it asks for."""
+
+    def __init__(self, s, m, n):
+        self.s = torch.as_tensor(s, dtype=torch.float64)
+        self.r0 = self.rank = len(self.s)
+        assert self.r0 <= min(m, n)
+        self.out_features, self.in_features = m, n
+        self.frozen_rank = False
+        self.calls: list[tuple] = []
+
+    def reorthonormalize(self, sort=False, optimizer=None):
+        self.calls.append(("reorthonormalize", sort))
+        if sort:
+            self.s = torch.sort(self.s, descending=True).values
+
+    def truncate(self, rank, optimizer=None):
+        self.calls.append(("truncate", rank))
+        assert 1 <= rank <= self.rank
+        self.s = torch.sort(self.s, descending=True).values[:rank]
+        self.rank = rank
+
+
+def spec(s, m, n, K, interval, zeta, energy, min_fraction, start, cap):
+    """DESIGN §8 in exact arithmetic, on a plain list of singular values.
+
+    Returns, per epoch, ``(new rank or None, rank, frozen, energy check done)``."""
+    s = sorted((float(v) for v in s), reverse=True)  # a layer's s, already in SVD order
+    r0, rank, frozen, out = len(s), len(s), False, []
+    zeta, energy, min_fraction = Fraction(str(zeta)), Fraction(str(energy)), Fraction(str(min_fraction))
+    for E in range(K):
+        new, checked = None, False
+        k = E - start + 1
+        if E >= start and not frozen and k % interval == 0:
+            floor = max(1, math.ceil(min_fraction * r0))
+            target = math.ceil(r0 * (1 - Fraction(k // interval) / Fraction(K - start, interval)))
+            if target <= zeta * r0:
+                checked = True
+                s2 = [Fraction(v) ** 2 for v in s[:rank]]
+                target = next(r for r in range(1, rank + 1) if sum(s2[:r]) >= energy * sum(s2))
+                if target >= rank:
+                    frozen = True
+            if not frozen:
+                if cap:
+                    target = min(target, max(floor, (m * n) // (m + n)))
+                if max(floor, min(target, rank)) < rank:
+                    new = rank = max(floor, min(target, rank))
+        out.append((new, rank, frozen, checked))
+    return out
+
+
+def run(layer, sched, K, **kw):
+    got = []
+    for E in range(K):
+        before = len(layer.calls)
+        new = sched.step_layer(layer, E, **kw)
+        checked = ("reorthonormalize", True) in layer.calls[before:]
+        got.append((new, layer.rank, layer.frozen_rank, checked))
+    return got
+
+
+def profile(kind, r0):
+    if kind == "linear":
+        return torch.linspace(3.0, 0.01, r0) ** 2
+    if kind == "flat":
+        return torch.ones(r0) + 1e-3 * torch.arange(r0, 0, -1)
+    if kind == "geometric":
+        return 0.8 ** torch.arange(r0, dtype=torch.float64)
+    if kind == "shuffled":
+        perm = torch.randperm(r0, generator=torch.Generator().manual_seed(0))
+        return (torch.linspace(3.0, 0.01, r0) ** 2)[perm]
+    raise AssertionError(kind)
+
+
+CASES = {  # K, interval, zeta, energy, min_fraction, start, cap, (m, n), s profile
+    "defaults": (30, 10, 0.7, 0.95, 0.3, 0, True, (48, 64), "linear"),  # energy check from the first cut
+    "cap": (40, 10, 0.7, 0.95, 0.3, 0, True, (48, 64), "linear"),  # the cap binds: 27 < 36
+    "no cap": (40, 10, 0.7, 0.95, 0.3, 0, False, (48, 64), "linear"),
+    "r0=9": (30, 10, 0.3, 0.95, 0.1, 0, True, (9, 40), "linear"),  # 9 (1 - 1/3) = 6 exactly, not 7
+    "r0=21": (30, 10, 0.3, 0.95, 0.1, 0, False, (21, 21), "linear"),  # 14 and 7 exactly
+    "start": (25, 4, 0.5, 0.9, 0.2, 3, True, (30, 100), "shuffled"),
+    "every epoch": (12, 1, 0.9, 0.99, 0.1, 0, True, (16, 16), "geometric"),
+    "late start": (40, 5, 0.7, 0.5, 0.3, 10, True, (48, 64), "linear"),
+    "energy freeze": (30, 5, 0.9, 0.95, 0.1, 0, False, (20, 20), "flat"),
+    "energy cut": (30, 5, 0.9, 0.95, 0.1, 0, False, (40, 40), "geometric"),
+    "zeta 1": (20, 5, 1.0, 0.95, 0.3, 0, False, (24, 30), "linear"),
+    "floor = r0": (20, 5, 0.7, 0.95, 1.0, 0, True, (24, 30), "linear"),
+    "0.7*90": (10, 3, 0.7, 0.95, 0.3, 0, False, (90, 200), "flat"),  # target 63 <= 0.7·90: energy check
+    "span < interval": (7, 10, 0.7, 0.95, 0.3, 0, True, (12, 12), "linear"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_step_layer_is_the_design_pseudo_code(case):
+    K, interval, zeta, energy, min_fraction, start, cap, (m, n), kind = CASES[case]
+    s = profile(kind, min(m, n))
+    sched = ssa.RankSchedule(K, interval=interval, zeta=zeta, energy=energy, min_fraction=min_fraction,
+                             start_epoch=start, cap=cap)
+    layer = FakeLayer(s, m, n)
+    got = run(layer, sched, K)
+    want = spec(s, m, n, K, interval, zeta, energy, min_fraction, start, cap)
+    assert got == want
+    cuts = [c[1] for c in layer.calls if c[0] == "truncate"]
+    assert cuts == [w[0] for w in want if w[0] is not None]
+
+
+def test_the_cases_cover_every_branch():
+    outcomes = {}
+    for case, (K, interval, zeta, energy, min_fraction, start, cap, (m, n), kind) in CASES.items():
+        s = profile(kind, min(m, n))
+        outcomes[case] = spec(s, m, n, K, interval, zeta, energy, min_fraction, start, cap)
+    assert outcomes["energy freeze"][-1][2] and any(w[3] for w in outcomes["energy freeze"])
+    assert any(w[3] and w[0] is not None for w in outcomes["energy cut"])
+    assert outcomes["cap"][9][0] == 27 and outcomes["no cap"][9][0] == 36  # cap branch
+    assert outcomes["defaults"][9][3] and not outcomes["cap"][9][3]  # energy check from the first cut
+    assert [w[0] for w in outcomes["r0=9"] if w[0]] == [6, 3]
+    assert [w[0] for w in outcomes["r0=21"] if w[0]] == [14, 7]
+    assert outcomes["0.7*90"][2] == (86, 86, False, True)
+    assert all(w[0] is None for w in outcomes["floor = r0"])
+    late = outcomes["late start"]
+    assert all(w[0] is None for w in late[:14]) and late[14][0] == 27 and late[-1][1] == 15  # the floor
+    assert all(w[0] is None for w in outcomes["span < interval"])
+
+
+def test_frozen_and_output_layers_are_left_alone():
+    sched = ssa.RankSchedule(30)
+    frozen = FakeLayer(profile("linear", 20), 20, 30)
+    frozen.frozen_rank = True
+    out = FakeLayer(profile("linear", 20), 20, 30)
+    for E in range(30):
+        assert sched.step_layer(frozen, E) is None
+        assert sched.step_layer(out, E, is_output=True) is None
+    assert frozen.calls == [] and out.calls == [] and out.rank == frozen.rank == 20
+    opted = FakeLayer(profile("linear", 20), 20, 30)
+    run(opted, ssa.RankSchedule(30, include_output=True), 30, is_output=True)
+    assert opted.rank < 20
+
+
+def test_on_a_real_layer():
+    torch.manual_seed(0)
+    layer = ssa.SSALinear(64, 32, seed=9)
+    with torch.no_grad():
+        layer.U.add_(0.05 * torch.randn_like(layer.U))
+    opt = torch.optim.Adam(layer.parameters())
+    layer(torch.randn(4, 64)).sum().backward()
+    opt.step()
+    sched = ssa.RankSchedule(30)
+    floor, cap = sched.floor(32), 64 * 32 // (64 + 32)
+    assert (floor, cap) == (10, 21)
+    ranks, prev = [], layer.rank
+    for E in range(30):
+        new = sched.step_layer(layer, E, optimizer=opt)
+        assert layer.rank <= prev and layer.rank >= floor
+        if new is not None:
+            assert new == layer.rank < prev
+            assert layer.U not in opt.state and layer.s not in opt.state  # state of new directions dropped
+            torch.testing.assert_close(layer.U.t() @ layer.U, torch.eye(layer.rank), rtol=0, atol=1e-5)
+        if E >= sched.interval - 1:
+            assert layer.rank <= cap
+        ranks.append(layer.rank)
+        prev = layer.rank
+    assert ranks[:9] == [32] * 9 and ranks[9] == 21 and ranks[-1] < 21
+    assert layer.target_U.shape == (32, layer.rank)
+    out = ssa.SSALinear(64, 32, seed=9)
+    for E in range(30):
+        sched.step_layer(out, E, is_output=True)
+    assert out.rank == 32
+
+
+def test_hoyer_epochs():
+    def active(sched):
+        return {E for E in range(sched.total_epochs) if sched.hoyer_active(E)}
+
+    def cuts(sched):
+        return [E for E in range(sched.total_epochs) if sched.is_cut_epoch(E)]
+
+    a = ssa.RankSchedule(30, interval=10)  # cuts after epochs 9, 19, 29
+    assert cuts(a) == [9, 19, 29]
+    assert active(a) == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22,
+                         23, 24, 25, 26, 27, 28, 29}
+    b = ssa.RankSchedule(25, interval=10, start_epoch=3)  # cuts after 12, 22; none after 23, 24
+    assert cuts(b) == [12, 22]
+    assert active(b) == {3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22}
+    c = ssa.RankSchedule(25, interval=10)  # cuts after 9, 19; 20-24 precede no cut
+    assert cuts(c) == [9, 19]
+    assert active(c) == {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19}
+    assert active(ssa.RankSchedule(5, interval=10)) == set()
+
+
+@pytest.mark.parametrize("bad", [dict(interval=0), dict(zeta=0.0), dict(zeta=1.5), dict(start_epoch=30),
+                                 dict(start_epoch=31), dict(start_epoch=-1), dict(energy=0.0),
+                                 dict(min_fraction=1.5), dict(total_epochs=0)])
+def test_bad_arguments(bad):
+    kw = dict(total_epochs=30) | bad
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        ssa.RankSchedule(**kw)
+
+
+def test_non_int_epochs():
+    with pytest.raises(TypeError, match="interval"):
+        ssa.RankSchedule(30, interval=2.0)
+    with pytest.raises(TypeError, match="total_epochs"):
+        ssa.RankSchedule(30.0)
+
+
+def test_to_dict_round_trip():
+    sched = ssa.RankSchedule(25, interval=4, zeta=0.5, start_epoch=3, cap=False, include_output=True)
+    assert ssa.RankSchedule(**sched.to_dict()) == sched
