@@ -73,7 +73,8 @@ def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -
                 left.append(name)
                 continue
             if owners[id(child.weight)] > 1:
-                warnings.warn(f"convert: {name} is left dense: its weight is tied to another parameter",
+                warnings.warn(f"convert: {name} is left dense: its weight is tied to another parameter "
+                              "(or the layer is used in several places)",
                               stacklevel=2)
                 left.append(name)
                 continue

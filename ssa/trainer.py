@@ -85,6 +85,15 @@ class _Tape:
     def __init__(self, trainer: Trainer, mode: str, e: Tensor | None = None) -> None:
         self.trainer, self.mode, self.e = trainer, mode, e  # mode: store | light | apply
         self.local: list[_Unit] = []
+        self.seen: set[int] = set()
+
+    def once(self, unit: _Unit) -> None:
+        """A unit's update needs its one input and output: refuse a second call in one forward."""
+        if id(unit) in self.seen:
+            raise RuntimeError(f"Trainer: module {unit.name!r} ran twice in one forward; SSA's local update "
+                               "needs one call per layer per forward (declare the enclosing module in "
+                               "local_modules=, or use separate layers)")
+        self.seen.add(id(unit))
 
     # SSALinear.forward lands here while the tape is active.
     def linear(self, layer: SSALinear, x: Tensor) -> Tensor:
@@ -110,6 +119,7 @@ class _Tape:
         out = h.reshape(*lead, layer.out_features)
         if unit is None:  # an SSA layer the trainer does not train (frozen)
             return out
+        self.once(unit)
         unit.out_ref = weakref.ref(out)
         if self.mode == "light":
             return out
@@ -119,6 +129,7 @@ class _Tape:
         return out
 
     def head_hook(self, unit: _Unit, inputs, output) -> None:  # dense layers
+        self.once(unit)
         output_ref = weakref.ref(output)
         unit.out_ref = output_ref
         if self.mode == "light":
@@ -140,6 +151,7 @@ class _Tape:
                 self.trainer._update(unit, self.e)
 
     def local_pre(self, unit: _Unit, args):
+        self.once(unit)
         self.local.append(unit)
         unit.cap = {} if self.mode != "light" else None
         unit.grad_mode = torch.is_grad_enabled()

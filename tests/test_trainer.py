@@ -439,6 +439,23 @@ def test_bad_input_is_refused_clearly():
         tr.fit([(x, y)], 0)
 
 
+def test_a_layer_called_twice_per_forward_is_refused():
+    shared = nn.Linear(12, 12)
+    model = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(12, 5))
+    with pytest.warns(UserWarning, match="left dense"):
+        tr = ssa.Trainer(model, 5)
+    with pytest.raises(RuntimeError, match="ran twice in one forward"):
+        tr.step(*batch())
+
+
+def test_an_ssa_layer_called_twice_per_forward_is_refused():
+    shared = ssa.SSALinear(12, 12)
+    model = nn.Sequential(nn.Linear(12, 12), shared, nn.ReLU(), shared, nn.Linear(12, 5))
+    tr = ssa.Trainer(model, 5)
+    with pytest.raises(RuntimeError, match="ran twice in one forward"):
+        tr.step(*batch())
+
+
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     x, y = batch(p=16)
     bad = x.clone()
