@@ -46,6 +46,7 @@ def _positive(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``python -m ssa`` parser (subcommand ``train``); bad values exit with code 2."""
     parser = argparse.ArgumentParser(prog="python -m ssa", description="SVD-Space Alignment training")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one or more methods and compare them",
@@ -84,7 +85,8 @@ def _table(rows: list[dict]) -> str:
 
 
 def _write_history(path: str, histories: dict[str, list[dict]]) -> None:
-    layers = sorted({k for h in histories.values() for row in h for k in row["ranks"]})
+    # Model order (first appearance), not string order: "11" must not come before "3".
+    layers = list(dict.fromkeys(k for h in histories.values() for row in h for k in row["ranks"]))
     cols = ["method", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5", "time_s"]
     cols += [f"rank/{n}" for n in layers] + [f"ortho/{n}" for n in layers]
     with open(path, "w", newline="") as f:
@@ -98,6 +100,10 @@ def _write_history(path: str, histories: dict[str, list[dict]]) -> None:
 
 
 def train(args: argparse.Namespace) -> list[dict]:
+    """Run ``python -m ssa train``: fit each method, write the artefacts into ``args.out``, print the table.
+
+    Returns the per-method result dicts also written to ``results.json``.
+    """
     import yaml
 
     os.makedirs(args.out, exist_ok=True)
@@ -142,6 +148,7 @@ def train(args: argparse.Namespace) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m ssa`` and the ``ssa`` script; returns 0 (argument errors exit 2)."""
     args = build_parser().parse_args(argv)
     if args.command == "train":
         if args.device.startswith("cuda") and not torch.cuda.is_available():

@@ -55,11 +55,15 @@ _DATASETS = {"digits": (10, (1, 8, 8))}
 
 
 def available() -> list[str]:
+    """Names accepted by :func:`get` (the known datasets)."""
     return sorted(_DATASETS)
 
 
 def get(name: str, batch_size: int = 64, seed: int = 0, root: str | None = None):
-    """``(train_loader, test_loader, num_classes, in_shape)`` of a named dataset."""
+    """``(train_loader, test_loader, num_classes, in_shape)`` of a named dataset (see :func:`available`).
+
+    ``root`` is the local data folder of file-based datasets; the embedded ``"digits"`` ignores it.
+    """
     if name not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {available()}")
     train, test = digits(batch_size, seed)

@@ -27,6 +27,7 @@ _MODELS = {"mlp": mlp}
 
 
 def available() -> list[str]:
+    """Names accepted by :func:`get` (the known models)."""
     return sorted(_MODELS)
 
 

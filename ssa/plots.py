@@ -37,7 +37,7 @@ def save_all(histories: dict[str, list[dict]], out: str) -> list[str]:
     for key, name, ylabel in (("ranks", "ranks.png", "rank"), ("ortho", "ortho.png", "‖UᵀU − I‖_F")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for method, hist in histories.items():
-            layers = sorted({n for h in hist for n in h[key]})
+            layers = list(dict.fromkeys(n for h in hist for n in h[key]))  # model order
             for n in layers:
                 ax.plot([h["epoch"] for h in hist], [h[key].get(n) for h in hist],
                         label=f"{method} layer {n}")

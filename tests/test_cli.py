@@ -24,6 +24,10 @@ def test_train_writes_every_artifact(tmp_path, capsys):
     for r in results:
         assert 0 <= r["test_acc"] <= 1 and 0 <= r["test_top5"] <= 1 and r["params"] > 0 and r["epochs"] == 2
     assert results[0]["ranks"] and results[1]["ranks"] == {}
+    header = (out / "history.csv").read_text().splitlines()[0].split(",")
+    assert header[:8] == ["method", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_top5",
+                          "time_s"]
+    assert header[8:] == ["rank/1", "rank/3", "rank/5", "ortho/1", "ortho/3", "ortho/5"]  # model order
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert [(r["method"], r["epoch"]) for r in rows] == [("ssa", "1"), ("ssa", "2"), ("bp", "1"), ("bp", "2")]
     assert rows[0]["rank/1"] and rows[2]["rank/1"] == ""
