@@ -8,7 +8,7 @@ import platform
 import torch
 
 import ssa_kernels
-from ssa import metrics
+from ssa.metrics import peak_bytes
 from ssa_kernels import reference as ref
 
 
@@ -56,10 +56,6 @@ def versions() -> dict:
     except ImportError:
         out["triton"] = None
     return out
-
-
-def peak_bytes(fn, dev: str) -> int:
-    return metrics.peak_bytes(fn, dev)
 
 
 def run(benchmark, fn, dev: str, flops: float, nbytes: float, **info) -> None:

@@ -58,10 +58,6 @@ NORMS = (nn.BatchNorm1d, nn.LayerNorm)
 DROPOUTS = (nn.Dropout,)
 
 
-def _same(a: Tensor | None, b: Tensor) -> bool:
-    return a is not None and a is b
-
-
 @dataclass(eq=False)
 class _Unit:
     """One locally trained piece: an SSA layer, a dense layer, or a local module (+ tail)."""
@@ -123,19 +119,18 @@ class _Tape:
         unit.out_ref = weakref.ref(out)
         if self.mode == "light":
             return out
-        unit.cap = {"x": x2, "t": t, "h": h, "lead": lead, "out": out}
+        unit.cap = {"x": x2, "t": t, "h": h, "out": out}
         if not unit.tail and self.mode == "apply":
             self.trainer._update(unit, self.e)
         return out
 
     def head_hook(self, unit: _Unit, inputs, output) -> None:  # dense layers
         self.once(unit)
-        output_ref = weakref.ref(output)
-        unit.out_ref = output_ref
+        unit.out_ref = weakref.ref(output)
         if self.mode == "light":
             return
         x = inputs[0]
-        unit.cap = {"x": x.reshape(-1, x.shape[-1]), "a": output, "out": output}
+        unit.cap = {"x": x.reshape(-1, x.shape[-1]), "out": output}
         if not unit.tail and self.mode == "apply":
             self.trainer._update(unit, self.e)
 
@@ -162,15 +157,12 @@ class _Tape:
     def local_post(self, unit: _Unit, output):
         self.local.pop()
         torch.set_grad_enabled(unit.grad_mode)
-        if self.mode == "light":
-            detached = output.detach()
-            unit.out_ref = weakref.ref(detached)
-            return detached
-        unit.cap["out"] = output
         detached = output.detach()
         unit.out_ref = weakref.ref(detached)
-        if self.mode == "apply":
-            self.trainer._update(unit, self.e)
+        if self.mode != "light":
+            unit.cap["out"] = output
+            if self.mode == "apply":
+                self.trainer._update(unit, self.e)
         return detached
 
 
@@ -278,7 +270,7 @@ class Trainer:
             self._add_unit(unit)
             handled.update(id(p) for p in mod.parameters())
         for name, mod in model.named_modules():
-            if mod in inside_local or any(mod is u.head for u in self.units):
+            if mod in inside_local or mod in self._unit_of:
                 continue
             if isinstance(mod, SSALinear) or (isinstance(mod, nn.Linear) and mod.weight.requires_grad):
                 kind = "ssa" if isinstance(mod, SSALinear) else "dense"
@@ -291,8 +283,7 @@ class Trainer:
         if not self.units:
             raise ValueError("Trainer: method='ssa' found no layer it can train (no nn.Linear / SSALinear "
                              "and no local module)")
-        if not any(u.kind in ("ssa", "local") for u in self.units) and not any(
-                isinstance(m, SSALinear) for m in model.modules()):
+        if not any(u.kind in ("ssa", "local") for u in self.units):  # every SSA layer is in one
             raise ValueError("Trainer: method='ssa' found no SSA layer to train")
         frozen_norms = {id(p) for u in self.units for t in u.tail if isinstance(t, NORMS)
                         for p in t.parameters()} if self.freeze_norms else set()
@@ -334,7 +325,7 @@ class Trainer:
                 for nxt in mods[i + 1:]:
                     if isinstance(nxt, NORMS) and not tail:
                         tail.append(nxt)
-                    elif isinstance(nxt, ELEMENTWISE + DROPOUTS) and not isinstance(nxt, NORMS):
+                    elif isinstance(nxt, ELEMENTWISE + DROPOUTS):
                         tail.append(nxt)
                     else:
                         break
@@ -489,8 +480,7 @@ class Trainer:
 
     def _mark_output(self, z: Tensor) -> None:
         for unit in self.units:
-            ref = unit.out_ref() if unit.out_ref is not None else None
-            unit.is_output = _same(ref, z)
+            unit.is_output = unit.out_ref is not None and unit.out_ref() is z
 
     def _clear(self) -> None:
         for unit in self.units:
