@@ -667,7 +667,10 @@ class Trainer:
         """DESIGN §5 ``recompute``: a light forward for ``e``, then a forward that updates as it goes."""
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if x.is_cuda else None
-        stats = {n: b.clone() for n, b in self.model.named_buffers() if "running" in n or "num_batches" in n}
+        # Buffers a forward may update (norm statistics, a user's running averages) are put back
+        # before the second forward; SSA layers' buffers (targets, feedback) never change in one.
+        stats = {f"{mn}.{bn}" if mn else bn: buf.clone() for mn, mod in self.model.named_modules()
+                 if not isinstance(mod, SSALinear) for bn, buf in mod.named_buffers(recurse=False)}
         self._clear()
         with _tape.activate(_Tape(self, "light")):
             z = self.model(x)

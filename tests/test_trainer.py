@@ -474,3 +474,26 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     state = torch.load(tmp_path / "latest.pt", weights_only=False)
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if torch.is_tensor(v))
+
+
+def test_recompute_restores_any_buffer_a_forward_updates():
+    class Ema(nn.Module):  # a user module with its own running statistic, not a norm
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("avg", torch.zeros(16))
+
+        def forward(self, x):
+            if self.training:
+                self.avg.mul_(0.5).add_(0.5 * x.detach().mean(0))
+            return x - self.avg
+
+    out = {}
+    x, y = batch(p=16)
+    for memory in ("store", "recompute"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), Ema(), nn.Linear(16, 5))
+        tr = ssa.Trainer(model, 5, memory=memory, seed=1)
+        for _ in range(3):
+            tr.step(x, y)
+        out[memory] = {**params(model), "avg": model[2].avg.clone()}
+    assert_same(out["store"], out["recompute"], rtol=1e-6, atol=1e-7)
