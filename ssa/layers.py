@@ -157,8 +157,11 @@ class SSALinear(nn.Module):
         if self.feedback_Q is not None and self.feedback_Q.shape[0] == C:
             return
         gen = torch.Generator().manual_seed(self.seed + 1)
-        _, _, (BU, BS, _) = _draw(self.seed, self.out_features, self.in_features, self.r0)
         k = min(C, self.out_features, self.r0)
+        if self.target_U.shape[1] >= k and self.target_U.dtype in (torch.float32, torch.float64):
+            BU, BS = self.target_U, self.target_s  # the frame itself (its leading columns, exact)
+        else:  # targets already cut below k, or rounded to half precision: draw the frame again
+            _, _, (BU, BS, _) = _draw(self.seed, self.out_features, self.in_features, self.r0)
         sigma = BS[:k].double()
         sigma = sigma * math.sqrt(C) / sigma.norm()
         Q = torch.linalg.qr(torch.randn(C, k, generator=gen, dtype=torch.float64))[0]
