@@ -57,6 +57,70 @@ def main() -> None:
                   f"{r['median'] * 1e3:.3f} | {ratio} | {r['gflops']:.1f} | {r['gbs']:.1f} | "
                   f"{r['peak'] / 2**20:.1f} |")
         print()
+    conv_summary(rows)
+
+
+CONV_OPS = {"ssa_conv_step", "ssa_conv_forward", "dense_conv_step", "dense_conv_forward"}
+
+
+def conv_summary(rows: list[dict]) -> None:
+    """SSA convolution layers against the dense ``nn.Conv2d`` (benchmarks/test_conv.py), if run.
+
+    One row per layer shape and rank: the step time of every provider, then time ratios of
+    each compiled backend (< 1: that backend is faster) to the eager reference and to the
+    dense step / forward of the same layer shape, batch and dtype.
+    """
+    conv = [r for r in rows if r["op"] in CONV_OPS]
+    if not any(r["op"] == "ssa_conv_step" for r in conv):
+        return
+
+    def layer(r):  # the layer shape without the rank: what the dense rows carry
+        return (tuple((k, v) for k, v in r["info"]["shape"].items() if k not in ("r", "r_full")), r["dtype"])
+
+    dense = {(r["op"], layer(r)): r for r in conv if r["op"].startswith("dense_")}
+    ssa = defaultdict(dict)  # (op, layer, r) -> provider -> row
+    for r in conv:
+        if r["op"].startswith("ssa_"):
+            ssa[(r["op"], layer(r), r["info"]["shape"]["r"])][r["provider"]] = r
+    providers = sorted({r["provider"] for r in conv if r["op"].startswith("ssa_")},
+                       key=lambda p: (not p.startswith("reference"), p))
+    native = [p for p in providers if not p.startswith("reference")]
+    print("## Convolution layers: SSA step vs dense nn.Conv2d\n")
+    print("Time ratios t(provider) / t(other), same layer, batch and dtype, same run: < 1 means the "
+          "SSA provider is faster. Step = `lowrank_conv2d` + `svd_conv_factor_grads` vs dense "
+          "forward + autograd backward (weight and bias gradients); forward = `lowrank_conv2d` vs "
+          "`relu(F.conv2d)`. GFLOP/s and peak memory of the step.\n")
+    head = ["layer", "C→N", "H×W", "p", "r (full)"]
+    head += [f"step {p} (ms)" for p in providers] + ["dense step (ms)"]
+    for p in native:
+        head += [f"{p} / reference", f"{p} / dense step", f"fwd {p} / dense fwd", f"{p} GFLOP/s"]
+    head += ["dense GFLOP/s"] + [f"peak {p} (MB)" for p in native] + ["peak dense (MB)"]
+    print("| " + " | ".join(head) + " |")
+    print("| --- | --- | --- | ---: | ---: |" + " ---: |" * (len(head) - 5))
+
+    def ms(r):
+        return f"{r['median'] * 1e3:.2f}" if r else "—"
+
+    def ratio(a, b):
+        return f"{a['median'] / b['median']:.2f}" if a and b else "—"
+
+    steps = sorted(((k, v) for k, v in ssa.items() if k[0] == "ssa_conv_step"),
+                   key=lambda kv: (kv[0][1], -kv[0][2]))
+    for (_, lay, r), by in steps:
+        sh = dict(lay[0])
+        d_step, d_fwd = dense.get(("dense_conv_step", lay)), dense.get(("dense_conv_forward", lay))
+        fwd = ssa.get(("ssa_conv_forward", lay, r), {})
+        full = next(iter(by.values()))["info"]["shape"].get("r_full", "?")
+        cells = [sh["layer"], f"{sh['C']}→{sh['N']}", f"{sh['H']}×{sh['W']}", str(sh["p"]), f"{r} ({full})"]
+        cells += [ms(by.get(p)) for p in providers] + [ms(d_step)]
+        for p in native:
+            cells += [ratio(by.get(p), by.get("reference")), ratio(by.get(p), d_step),
+                      ratio(fwd.get(p), d_fwd), f"{by[p]['gflops']:.1f}" if p in by else "—"]
+        cells += [f"{d_step['gflops']:.1f}" if d_step else "—"]
+        cells += [f"{by[p]['peak'] / 2**20:.1f}" if p in by else "—" for p in native]
+        cells += [f"{d_step['peak'] / 2**20:.1f}" if d_step else "—"]
+        print("| " + " | ".join(cells) + " |")
+    print()
 
 
 if __name__ == "__main__":

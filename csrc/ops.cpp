@@ -131,6 +131,12 @@ void check_svd_factor_grads(const at::Tensor& x, const at::Tensor& t, const at::
                     p, ", ", r, ")");
   TORCH_CHECK_VALUE(delta.size(0) == p && delta.size(1) == U.size(0), op, ": delta ",
                     delta.sizes(), " must be (", p, ", ", U.size(0), ")");
+  check_targets(op, U, V, BU, BS, BV, align);
+}
+
+void check_targets(const char* op, const at::Tensor& U, const at::Tensor& V,
+                   const std::optional<at::Tensor>& BU, const std::optional<at::Tensor>& BS,
+                   const std::optional<at::Tensor>& BV, double align) {
   const bool any = BU.has_value() || BS.has_value() || BV.has_value();
   const bool all = BU.has_value() && BS.has_value() && BV.has_value();
   TORCH_CHECK_VALUE(any == all, op, ": BU, BS, BV must be given together");
@@ -148,6 +154,33 @@ void check_svd_factor_grads(const at::Tensor& x, const at::Tensor& t, const at::
                       op, ": targets BU ", BU->sizes(), ", BS ", BS->sizes(), ", BV ",
                       BV->sizes(), " must be (m, k), (k), (n, k)");
   }
+}
+
+ConvGeometry parse_conv_geometry(const char* op, at::IntArrayRef kernel_size,
+                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation) {
+  TORCH_CHECK_VALUE(kernel_size.size() == 2 && stride.size() == 2 && padding.size() == 4 &&
+                        dilation.size() == 2,
+                    op, ": kernel_size, stride and dilation must have 2 entries and padding 4 ",
+                    "(top, bottom, left, right); got ", kernel_size, ", ", stride, ", ", padding,
+                    ", ", dilation);
+  ConvGeometry g{kernel_size[0], kernel_size[1], stride[0], stride[1], padding[0],
+                 padding[1],     padding[2],     padding[3], dilation[0], dilation[1]};
+  TORCH_CHECK_VALUE(g.kh >= 1 && g.kw >= 1 && g.sh >= 1 && g.sw >= 1 && g.dh >= 1 && g.dw >= 1,
+                    op, ": kernel_size, stride and dilation must be >= 1");
+  TORCH_CHECK_VALUE(g.pt >= 0 && g.pb >= 0 && g.pl >= 0 && g.pr >= 0, op,
+                    ": padding must be >= 0, got ", padding);
+  return g;
+}
+
+void check_conv_factors(const char* op, const at::Tensor& x, const at::Tensor& U,
+                        const at::Tensor& s, const at::Tensor& V, const ConvGeometry& g) {
+  check_float(op, "x", x, 4);
+  check_factors(op, U, s, V, x);
+  TORCH_CHECK_VALUE(U.size(0) % g.kw == 0, op, ": U ", U.sizes(),
+                    " must have N·kw rows (kw = ", g.kw, ")");
+  TORCH_CHECK_VALUE(V.size(0) == x.size(1) * g.kh, op, ": V ", V.sizes(), " must have C·kh = ",
+                    x.size(1) * g.kh, " rows");
 }
 
 }  // namespace ssa

@@ -99,6 +99,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_fram
     double align, double ortho, double hoyer, double hoyer_eps, c10::string_view scaling,
     c10::string_view projection, double eps, const FactorProduct& product);
 
+// The epilogue alone, for a product computed elsewhere (the convolution weight-gradients):
+//   out (M×r, out_dtype) = acc·diag(cores.colscale) + Y·C + cores.beta·Bk[:, :cores.k]
+// with acc, Y, C, Bk in the accumulation dtype. One per device (factor_epilogue_cpu/_cuda).
+using FactorEpilogueFn = std::function<at::Tensor(const at::Tensor& acc, const at::Tensor& Y,
+                                                  const at::Tensor& C, const at::Tensor& Bk,
+                                                  const FactorCores& cores,
+                                                  at::ScalarType out_dtype)>;
+
+at::Tensor factor_epilogue_cpu(const at::Tensor& acc, const at::Tensor& Y, const at::Tensor& C,
+                               const at::Tensor& Bk, const FactorCores& cores,
+                               at::ScalarType out_dtype);
+
+// ------------------------------------------------------------ convolutions (DESIGN §4)
+// Kernel K (N×C×kh×kw) as K'[(n,w),(c,h)] = U diag(s) Vᵀ: U is (N·kw)×r, V is (C·kh)×r.
+// padding = (top, bottom, left, right); asymmetric padding pre-pads the input.
+struct ConvGeometry {
+  int64_t kh, kw, sh, sw, pt, pb, pl, pr, dh, dw;
+};
+
+ConvGeometry parse_conv_geometry(const char* op, at::IntArrayRef kernel_size,
+                                 at::IntArrayRef stride, at::IntArrayRef padding,
+                                 at::IntArrayRef dilation);
+
+void check_conv_factors(const char* op, const at::Tensor& x, const at::Tensor& U,
+                        const at::Tensor& s, const at::Tensor& V, const ConvGeometry& g);
+
+// Device-generic (ATen convolutions, cuDNN on a GPU): s is folded into the second kernel,
+// bias into the second convolution, the activation applied in place.
+std::tuple<at::Tensor, at::Tensor> lowrank_conv2d_native(
+    const at::Tensor& x, const at::Tensor& U, const at::Tensor& s, const at::Tensor& V,
+    const std::optional<at::Tensor>& bias, at::IntArrayRef kernel_size, at::IntArrayRef stride,
+    at::IntArrayRef padding, at::IntArrayRef dilation, c10::string_view activation,
+    double negative_slope);
+
+// The two weight-gradients by ATen convolution_backward, w·t summed over batch and
+// positions for the r×r cores, then the linear path's cores (factor_cores) and epilogue.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_conv_factor_grads_frame(
+    const at::Tensor& x, const at::Tensor& t, const at::Tensor& delta, const at::Tensor& U,
+    const at::Tensor& s, const at::Tensor& V, at::IntArrayRef kernel_size,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    const std::optional<at::Tensor>& BU, const std::optional<at::Tensor>& BS,
+    const std::optional<at::Tensor>& BV, double ce, double align, double ortho, double hoyer,
+    double hoyer_eps, c10::string_view scaling, c10::string_view projection, double eps,
+    const FactorEpilogueFn& epilogue);
+
 // Accumulation dtype: fp32 for fp16/bf16/fp32 inputs, fp64 for fp64.
 inline at::ScalarType acc_type(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
@@ -112,6 +157,9 @@ void check_lowrank_linear(const at::Tensor& x, const at::Tensor& U, const at::Te
 void check_dfa_project(const at::Tensor& e, const at::Tensor& P, const at::Tensor& sigma,
                        const at::Tensor& Q, const at::Tensor& h,
                        const std::optional<at::Tensor>& a, double cos);
+void check_targets(const char* op, const at::Tensor& U, const at::Tensor& V,
+                   const std::optional<at::Tensor>& BU, const std::optional<at::Tensor>& BS,
+                   const std::optional<at::Tensor>& BV, double align);
 void check_svd_factor_grads(const at::Tensor& x, const at::Tensor& t, const at::Tensor& delta,
                             const at::Tensor& U, const at::Tensor& s, const at::Tensor& V,
                             const std::optional<at::Tensor>& BU,
@@ -157,6 +205,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_cuda
     const std::optional<at::Tensor>& BS, const std::optional<at::Tensor>& BV, double ce,
     double align, double ortho, double hoyer, double hoyer_eps, c10::string_view scaling,
     c10::string_view projection, double eps);
+at::Tensor factor_epilogue_cuda(const at::Tensor& acc, const at::Tensor& Y, const at::Tensor& C,
+                                const at::Tensor& Bk, const FactorCores& cores,
+                                at::ScalarType out_dtype);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_conv_factor_grads_cuda(
+    const at::Tensor& x, const at::Tensor& t, const at::Tensor& delta, const at::Tensor& U,
+    const at::Tensor& s, const at::Tensor& V, at::IntArrayRef kernel_size,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    const std::optional<at::Tensor>& BU, const std::optional<at::Tensor>& BS,
+    const std::optional<at::Tensor>& BV, double ce, double align, double ortho, double hoyer,
+    double hoyer_eps, c10::string_view scaling, c10::string_view projection, double eps);
 #endif  // SSA_WITH_CUDA
 
 }  // namespace ssa

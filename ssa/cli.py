@@ -36,6 +36,16 @@ def _methods(text: str) -> list[str]:
     return out
 
 
+def _milestones(text: str) -> list[int]:
+    try:
+        out = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated epochs, got {text!r}") from None
+    if any(v < 1 for v in out):
+        raise argparse.ArgumentTypeError(f"epochs must be >= 1, got {text!r}")
+    return out
+
+
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -53,11 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     t.add_argument("--model", default="mlp", choices=models.available())
     t.add_argument("--dataset", default="digits", choices=data.available())
+    t.add_argument("--data-root", default=None,
+                   help="local folder of cifar10/cifar100/imagefolder (nothing is downloaded)")
+    t.add_argument("--augment", action=argparse.BooleanOptionalAction, default=False,
+                   help="training-set augmentation (random crop + flip) of the file datasets")
     t.add_argument("--method", type=_methods, default=["ssa", "bp"],
                    help=f"comma-separated, among {', '.join(METHODS)}")
     t.add_argument("--epochs", type=_positive(int), default=30)
     t.add_argument("--batch-size", type=_positive(int), default=64)
     t.add_argument("--lr", type=_positive(float), default=1e-3)
+    t.add_argument("--lr-milestones", type=_milestones, default=[],
+                   help="comma-separated epochs after which the learning rate is multiplied by --lr-gamma")
+    t.add_argument("--lr-gamma", type=_positive(float), default=0.1)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--rank", type=_positive(int), default=None,
                    help="initial rank of SSA layers (default full)")
@@ -110,7 +127,8 @@ def train(args: argparse.Namespace) -> list[dict]:
     config = {k: v for k, v in vars(args).items() if k != "command"}
     with open(os.path.join(args.out, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
-    train_loader, test_loader, classes, in_shape = data.get(args.dataset, args.batch_size, args.seed)
+    train_loader, test_loader, classes, in_shape = data.get(args.dataset, args.batch_size, args.seed,
+                                                              root=args.data_root, augment=args.augment)
     results, histories = [], {}
     for method in args.method:
         torch.manual_seed(args.seed)
@@ -120,7 +138,8 @@ def train(args: argparse.Namespace) -> list[dict]:
                     if method == "ssa" and args.schedule else None)
         trainer = Trainer(model, classes, method=method, loss=LossConfig.preset(args.loss), lr=args.lr,
                           schedule=schedule, memory=args.memory, seed=args.seed, rank=args.rank,
-                          backend=args.backend, device=args.device)
+                          backend=args.backend, device=args.device, lr_milestones=args.lr_milestones,
+                          lr_gamma=args.lr_gamma)
         start = time.perf_counter()
         hist = trainer.fit(train_loader, args.epochs, val_loader=test_loader,
                            checkpoint_dir=os.path.join(args.out, method), progress=not args.quiet,
@@ -153,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         if args.device.startswith("cuda") and not torch.cuda.is_available():
             build_parser().error(f"--device {args.device}: no CUDA device is available")
+        try:  # a missing --data-root or data folder: a usage error, before anything is written
+            data.check(args.dataset, args.data_root, args.augment)
+        except (FileNotFoundError, ValueError) as err:
+            build_parser().error(str(err))
         train(args)
     return 0
 

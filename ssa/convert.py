@@ -1,4 +1,4 @@
-"""``convert``: swap a model's ``nn.Linear`` layers for :class:`~ssa.layers.SSALinear` in place."""
+"""``convert``: swap a model's ``nn.Linear`` / ``nn.Conv2d`` layers for SSA layers in place."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections import Counter
 
 from torch import nn
 
-from .layers import SSALinear
+from .layers import SSAConv2d, SSALayer, SSALinear
 
 __all__ = ["convert", "to_dense"]
 
@@ -28,20 +28,26 @@ def _skipped(name: str, module: nn.Module, skip, typed: set[str]) -> bool:
     return any(name.startswith(prefix + ".") for prefix in typed)
 
 
-def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -> nn.Module:
-    """Replace every ``nn.Linear`` of ``model`` by an equivalent full-SVD :class:`SSALinear`, in place.
+def _convertible_conv(conv: nn.Conv2d) -> bool:
+    return conv.groups == 1 and conv.padding_mode == "zeros"
 
-    Each new layer comes from :meth:`SSALinear.from_dense` (same output at full rank), with
-    ``rank`` leading triplets (``None``: full rank; an int is clipped to nothing — it must be
-    ``<= min(in, out)`` of every converted layer) and seed ``seed + i`` for the ``i``-th
+
+def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -> nn.Module:
+    """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by an equivalent full-SVD SSA layer, in place.
+
+    Each new layer comes from :meth:`SSALinear.from_dense` / :meth:`SSAConv2d.from_dense`
+    (same output at full rank), with ``rank`` leading triplets (``None``: full rank; an int
+    is clipped to nothing — it must be ``<= min(m, n)`` of every converted layer, ``m × n``
+    = ``out × in``, or ``N·kw × C·kh`` for a kernel) and seed ``seed + i`` for the ``i``-th
     converted layer. Existing SSA layers are kept. ``skip`` holds qualified module names
     or module types to leave dense (a name, or a module of a listed type, also skips every
-    linear layer under it).
+    layer under it).
 
-    Left dense with a warning, because SSA could not train them correctly: linear layers
-    whose parent never calls them (``nn.MultiheadAttention.out_proj``) and linear layers
-    whose weight is tied to another parameter. Logs a per-type count on the ``ssa`` logger.
-    Returns ``model``.
+    Left dense: grouped / depthwise convolutions and padding modes other than ``"zeros"``
+    (no spatial-SVD form here, DESIGN §4; counted in the report) and, with a warning
+    because SSA could not train them correctly, linear layers whose parent never calls them
+    (``nn.MultiheadAttention.out_proj``) and layers whose weight is tied to another
+    parameter. Logs a per-type count on the ``ssa`` logger. Returns ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
@@ -51,19 +57,26 @@ def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -
         raise ValueError(f"convert: rank must be None or an int >= 1, got {rank!r}")
     if isinstance(model, nn.Linear) and not isinstance(model, SSALinear):
         raise TypeError("convert: model is itself an nn.Linear; use SSALinear.from_dense(model)")
+    if isinstance(model, nn.Conv2d):
+        raise TypeError("convert: model is itself an nn.Conv2d; use SSAConv2d.from_dense(model)")
     types = tuple(t for t in skip if isinstance(t, type))
     typed = {n for n, m in model.named_modules() if n and types and isinstance(m, types)}
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     counts: Counter = Counter()
     left: list[str] = []
-    todo: list[tuple[nn.Module, str, nn.Linear]] = []  # swapped only once every layer passed the checks
+    todo: list[tuple[nn.Module, str, nn.Module]] = []  # swapped only once every layer passed the checks
     for parent_name, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if type(child) is SSALinear or not isinstance(child, nn.Linear):
+            if isinstance(child, SSALayer) or not isinstance(child, (nn.Linear, nn.Conv2d)):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if _skipped(name, child, skip, typed):
                 counts["skipped"] += 1
+                left.append(name)
+                continue
+            if isinstance(child, nn.Conv2d) and not _convertible_conv(child):
+                kind = "grouped" if child.groups != 1 else f"padding_mode={child.padding_mode!r}"
+                counts[f"Conv2d ({kind}, left dense)"] += 1
                 left.append(name)
                 continue
             if isinstance(parent, FUNCTIONAL_PARENTS):
@@ -78,26 +91,33 @@ def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -
                               stacklevel=2)
                 left.append(name)
                 continue
-            full = min(child.in_features, child.out_features)
+            if isinstance(child, nn.Conv2d):
+                kh, kw = child.kernel_size
+                full = min(child.out_channels * kw, child.in_channels * kh)
+                what = "min(out_channels·kw, in_channels·kh)"
+            else:
+                full = min(child.in_features, child.out_features)
+                what = "min(in_features, out_features)"
             if rank is not None and rank > full:
-                raise ValueError(f"convert: rank {rank} exceeds min(in_features, out_features) = {full} "
-                                 f"of layer {name!r}")
+                raise ValueError(f"convert: rank {rank} exceeds {what} = {full} of layer {name!r}")
             todo.append((parent, child_name, child))
-            counts[type(child).__name__] += 1
+            target = "SSAConv2d" if isinstance(child, nn.Conv2d) else "SSALinear"
+            counts[f"{type(child).__name__} -> {target}"] += 1
     for index, (parent, child_name, child) in enumerate(todo):
-        setattr(parent, child_name, SSALinear.from_dense(child, rank=rank, seed=seed + index))
-    summary = ", ".join(f"{n} {k} -> SSALinear" for k, n in counts.items() if k != "skipped")
+        cls = SSAConv2d if isinstance(child, nn.Conv2d) else SSALinear
+        setattr(parent, child_name, cls.from_dense(child, rank=rank, seed=seed + index))
+    summary = ", ".join(f"{n} {k}" for k, n in counts.items() if k != "skipped")
     log.info("convert: %s; %d left dense%s", summary or "nothing converted", len(left),
              f" ({', '.join(left)})" if left else "")
     return model
 
 
 def to_dense(model: nn.Module) -> nn.Module:
-    """Replace every :class:`SSALinear` of ``model`` by its dense equivalent, in place; returns ``model``."""
-    if isinstance(model, SSALinear):
-        raise TypeError("to_dense: model is itself an SSALinear; use model.to_dense()")
+    """Replace every SSA layer of ``model`` by its dense equivalent, in place; returns ``model``."""
+    if isinstance(model, SSALayer):
+        raise TypeError(f"to_dense: model is itself an {type(model).__name__}; use model.to_dense()")
     for _, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, SSALinear):
+            if isinstance(child, SSALayer):
                 setattr(parent, child_name, child.to_dense())
     return model

@@ -1,19 +1,55 @@
-"""Datasets of the training layer (DESIGN §11). Nothing is downloaded at run time."""
+"""Datasets of the training layer (DESIGN §11). Nothing is downloaded at run time.
+
+``digits`` is embedded (scikit-learn's copy); ``cifar10``, ``cifar100`` and ``imagefolder`` read
+a local folder the user has filled. Every training loader shuffles with its own seeded
+``torch.Generator`` exposed as ``loader.generator`` (the trainer checkpoints it); with
+``augment=True`` the random crops and flips draw from that same generator, so one seed fixes
+the whole data stream and a checkpoint restores it.
+"""
 
 from __future__ import annotations
 
-import torch
-from torch.utils.data import DataLoader, TensorDataset
+import os
+import pickle
 
-__all__ = ["digits", "get", "available"]
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, TensorDataset, get_worker_info
+
+__all__ = ["digits", "cifar10", "cifar100", "imagefolder", "RandomCropFlip", "check", "get", "available"]
 
 DIGITS_TRAIN = 1437
+
+# Per-channel statistics of the training sets (pixels in [0, 1]).
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+_CIFAR = {
+    "cifar10": dict(title="CIFAR-10", folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test="test_batch", meta="batches.meta",
+                    labels=b"labels", names=b"label_names", classes=10,
+                    mean=CIFAR10_MEAN, std=CIFAR10_STD),
+    "cifar100": dict(title="CIFAR-100", folder="cifar-100-python", archive="cifar-100-python.tar.gz",
+                     train=["train"], test="test", meta="meta",
+                     labels=b"fine_labels", names=b"fine_label_names", classes=100,
+                     mean=CIFAR100_MEAN, std=CIFAR100_STD),
+}
 
 
 def _check_batch_size(batch_size) -> int:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     return batch_size
+
+
+def _loaders(train_set, test_set, batch_size: int, seed: int, num_workers: int, generator=None):
+    """The seeded shuffling training loader and the ordered test loader (as :func:`digits`)."""
+    generator = generator if generator is not None else torch.Generator().manual_seed(seed)
+    train = DataLoader(train_set, batch_size=batch_size, shuffle=True, generator=generator,
+                       num_workers=num_workers)
+    test = DataLoader(test_set, batch_size=max(batch_size, 256), shuffle=False, num_workers=num_workers)
+    return train, test
 
 
 def digits_tensors(seed: int = 0):
@@ -51,7 +87,278 @@ def digits(batch_size: int = 64, seed: int = 0, num_workers: int = 0):
     return train, test
 
 
-_DATASETS = {"digits": (10, (1, 8, 8))}
+# --------------------------------------------------------------------------- seeded augmentation
+
+
+class _SeededItems(Dataset):
+    """Base of the augmenting wrappers: the generator an item's random draws come from.
+
+    In the main process that is ``self.generator`` (shared with the loader, so it is seeded and
+    checkpointed with it); in a ``DataLoader`` worker it is a generator seeded with the worker's
+    seed, which the loader derives from its own generator — reproducible either way.
+    """
+
+    def __init__(self, dataset, generator: torch.Generator | None):
+        self.dataset, self.generator = dataset, generator
+        self._worker_seed, self._worker_gen = None, None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _rng(self) -> torch.Generator | None:
+        info = get_worker_info()
+        if info is None:
+            return self.generator
+        if self._worker_seed != info.seed:
+            self._worker_seed, self._worker_gen = info.seed, torch.Generator().manual_seed(info.seed)
+        return self._worker_gen
+
+
+class RandomCropFlip(_SeededItems):
+    """Dataset wrapper: random ``size×size`` crop of the ``padding``-padded image, then a random
+    horizontal flip (probability 1/2) — the CIFAR recipe of the ResNet paper, on ``C×H×W`` tensors.
+
+    ``dataset[i]`` must be ``(image, label)`` with ``image`` a ``C×H×W`` tensor. The padding is
+    ``fill`` (a number, or a per-channel tensor broadcastable to ``C×1×1``; :func:`cifar10` passes
+    the normalised value of a black pixel, as padding before normalising would give). Each item
+    takes one draw from ``generator`` (``None``: torch's global generator).
+    """
+
+    def __init__(self, dataset, size: int = 32, padding: int = 4, fill=0.0,
+                 generator: torch.Generator | None = None):
+        super().__init__(dataset, generator)
+        if size < 1 or padding < 0:
+            raise ValueError(f"need size >= 1 and padding >= 0, got size={size}, padding={padding}")
+        self.size, self.padding = size, padding
+        self.fill = torch.as_tensor(fill, dtype=torch.float32)
+
+    def __getitem__(self, index):
+        x, y = self.dataset[index]
+        c, h, w = x.shape
+        s, p = self.size, self.padding
+        ny, nx = h + 2 * p - s + 1, w + 2 * p - s + 1
+        if ny < 1 or nx < 1:
+            raise ValueError(f"crop {s} is larger than the padded image {h + 2 * p}×{w + 2 * p}")
+        k = int(torch.randint(0, ny * nx * 2, (1,), generator=self._rng()))
+        flip, k = k % 2, k // 2
+        oy, ox = k // nx - p, k % nx - p  # window origin in the unpadded image
+        out = self.fill.to(x.dtype).expand(c, s, s).clone()
+        y0, y1, x0, x1 = max(oy, 0), min(oy + s, h), max(ox, 0), min(ox + s, w)
+        if y0 < y1 and x0 < x1:
+            out[:, y0 - oy:y1 - oy, x0 - ox:x1 - ox] = x[:, y0:y1, x0:x1]
+        return (out.flip(-1) if flip else out), y
+
+
+class _SeededTransform(_SeededItems):
+    """Applies a torchvision ``transform`` whose global-RNG draws are seeded by one draw per item
+    from the wrapper's generator (the global RNG is restored afterwards)."""
+
+    def __init__(self, dataset, transform, generator: torch.Generator | None):
+        super().__init__(dataset, generator)
+        self.transform = transform
+
+    def __getitem__(self, index):
+        img, y = self.dataset[index]
+        seed = int(torch.randint(0, 2**62, (1,), generator=self._rng()))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(img), y
+
+
+# --------------------------------------------------------------------------- CIFAR
+
+
+class _UInt8Images(Dataset):
+    """``N×3×H×W`` uint8 images kept in memory, normalised per item to float32."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, classes=None):
+        self.images, self.labels, self.classes = images, labels, classes
+        std = torch.tensor(std, dtype=torch.float32).reshape(-1, 1, 1)
+        self.mean = torch.tensor(mean, dtype=torch.float32).reshape(-1, 1, 1)
+        self.std = std
+        self._scale, self._shift = 1.0 / (255.0 * std), self.mean / std
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return torch.addcmul(-self._shift, self.images[index].float(), self._scale), self.labels[index]
+
+
+def _cifar_dir(name: str, root) -> str:
+    """The folder holding the pickles of ``name`` under ``root``; FileNotFoundError naming what is missing."""
+    spec = _CIFAR[name]
+    root = os.fspath(root)
+    sub = os.path.join(root, spec["folder"])
+    folder = sub if os.path.isdir(sub) else root
+    files = spec["train"] + [spec["test"], spec["meta"]]
+    missing = [f for f in files if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise FileNotFoundError(
+            f"{spec['title']} not found under {root!r}: expected the files {', '.join(files)} in "
+            f"{os.path.join(root, spec['folder'])!r} (or directly in {root!r}); missing in {folder!r}: "
+            f"{', '.join(missing)}. Nothing is downloaded: download the official python version "
+            f"({spec['archive']} from https://www.cs.toronto.edu/~kriz/cifar.html) "
+            f"and extract it into {root!r}.")
+    return folder
+
+
+def _unpickle(path: str) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _cifar_split(folder: str, files: list[str], key: bytes, classes: int):
+    images, labels = [], []
+    for name in files:
+        path = os.path.join(folder, name)
+        entry = _unpickle(path)
+        if not isinstance(entry, dict) or b"data" not in entry or key not in entry:
+            raise ValueError(f"{path}: expected a pickled dict with keys b'data' and {key!r}")
+        x = np.asarray(entry[b"data"])
+        y = np.asarray(entry[key], dtype=np.int64)
+        if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072 or len(y) != len(x):
+            raise ValueError(f"{path}: b'data' must be uint8 N×3072 with N labels, got {x.dtype} "
+                             f"{x.shape} and {len(y)} labels")
+        if len(y) and (y.min() < 0 or y.max() >= classes):
+            raise ValueError(f"{path}: labels outside 0..{classes - 1}")
+        images.append(x.reshape(-1, 3, 32, 32))  # rows are channel-major: R plane, G plane, B plane
+        labels.append(y)
+    return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels))
+
+
+def _cifar(name: str, root, batch_size: int, seed: int, augment: bool, num_workers: int):
+    _check_batch_size(batch_size)
+    spec = _CIFAR[name]
+    folder = _cifar_dir(name, root)
+    meta = _unpickle(os.path.join(folder, spec["meta"]))
+    names = meta.get(spec["names"]) if isinstance(meta, dict) else None
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in names] if names else None
+    xtr, ytr = _cifar_split(folder, spec["train"], spec["labels"], spec["classes"])
+    xte, yte = _cifar_split(folder, [spec["test"]], spec["labels"], spec["classes"])
+    train_set = _UInt8Images(xtr, ytr, spec["mean"], spec["std"], names)
+    test_set = _UInt8Images(xte, yte, spec["mean"], spec["std"], names)
+    generator = torch.Generator().manual_seed(seed)
+    if augment:  # pad with black (0 before normalising), as RandomCrop(32, padding=4) + Normalize
+        train_set = RandomCropFlip(train_set, 32, 4, fill=-train_set._shift, generator=generator)
+    return _loaders(train_set, test_set, batch_size, seed, num_workers, generator)
+
+
+def cifar10(root, batch_size: int = 128, seed: int = 0, augment: bool = False, num_workers: int = 0):
+    """``(train_loader, test_loader)`` of CIFAR-10 (50 000 / 10 000 images, 10 classes) from ``root``.
+
+    ``root`` is the folder holding ``cifar-10-batches-py/`` (the official python archive
+    ``cifar-10-python.tar.gz`` extracted) or that folder itself; it must contain
+    ``data_batch_1`` … ``data_batch_5``, ``test_batch`` and ``batches.meta`` (pickles; only load
+    files you trust). Nothing is downloaded: a missing file raises ``FileNotFoundError``.
+
+    Images are float32 ``3×32×32``, normalised per channel with mean ``(0.4914, 0.4822, 0.4465)``
+    and std ``(0.2470, 0.2435, 0.2616)``; labels int64. ``augment=True`` adds, to the training
+    set only, a random 32×32 crop of the image padded by 4 black pixels and a random horizontal
+    flip (:class:`RandomCropFlip`). The training loader shuffles with the seeded
+    ``loader.generator``, from which the augmentation draws too; the test loader keeps file order.
+    ``loader.dataset.classes`` (without augmentation) holds the class names.
+    """
+    return _cifar("cifar10", root, batch_size, seed, augment, num_workers)
+
+
+def cifar100(root, batch_size: int = 128, seed: int = 0, augment: bool = False, num_workers: int = 0):
+    """``(train_loader, test_loader)`` of CIFAR-100 (50 000 / 10 000 images, 100 fine classes).
+
+    ``root`` is the folder holding ``cifar-100-python/`` (the official ``cifar-100-python.tar.gz``
+    extracted) or that folder itself, with the pickles ``train``, ``test`` and ``meta``; the
+    labels are the ``fine_labels``. Normalised with mean ``(0.5071, 0.4865, 0.4409)`` and std
+    ``(0.2673, 0.2564, 0.2762)``; everything else as :func:`cifar10`.
+    """
+    return _cifar("cifar100", root, batch_size, seed, augment, num_workers)
+
+
+# --------------------------------------------------------------------------- image folders
+
+
+def _class_dirs(folder: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
+def _has_image(folder: str, extensions: tuple[str, ...]) -> bool:
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(f.lower().endswith(extensions) for f in files):
+            return True
+    return False
+
+
+def _imagefolder_dirs(root) -> tuple[str, str, list[str]]:
+    """``(train_dir, val_dir, classes)`` of an image-folder root, or a clear error."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    root = os.fspath(root)
+    layout = (f"expected {os.path.join(root, 'train')}/<class>/<image> and "
+              f"{os.path.join(root, 'val')}/<class>/<image> ('test' is accepted instead of 'val'; "
+              f"images {', '.join(IMG_EXTENSIONS)}). Nothing is downloaded.")
+    train = os.path.join(root, "train")
+    val = next((os.path.join(root, s) for s in ("val", "test") if os.path.isdir(os.path.join(root, s))), None)
+    if not os.path.isdir(train) or val is None:
+        missing = [d for d, ok in (("train", os.path.isdir(train)), ("val (or test)", val is not None))
+                   if not ok]
+        raise FileNotFoundError(f"image folder {root!r}: no {' and no '.join(missing)} folder; {layout}")
+    splits = {d: _class_dirs(d) for d in (train, val)}
+    for d, classes in splits.items():
+        if not classes:
+            raise FileNotFoundError(f"image folder {root!r}: no class folders in {d!r}; {layout}")
+        empty = [c for c in classes if not _has_image(os.path.join(d, c), IMG_EXTENSIONS)]
+        if empty:
+            raise FileNotFoundError(f"image folder {root!r}: no image in {d!r} for the classes "
+                                    f"{', '.join(empty)}; {layout}")
+    if splits[train] != splits[val]:
+        only_t = sorted(set(splits[train]) - set(splits[val]))
+        only_v = sorted(set(splits[val]) - set(splits[train]))
+        raise ValueError(f"image folder {root!r}: train and {os.path.basename(val)} have different classes "
+                         f"(only in train: {only_t}, only in {os.path.basename(val)}: {only_v})")
+    return train, val, splits[train]
+
+
+def imagefolder(root, batch_size: int = 64, seed: int = 0, image_size: int = 32, augment: bool = False,
+                num_workers: int = 0):
+    """``(train_loader, test_loader, num_classes)`` of images laid out as ``root/train/<class>/*.png``
+    (or ``.jpg``, …) and ``root/val/<class>/…`` (``root/test`` is accepted instead of ``val``).
+
+    Read with ``torchvision.datasets.ImageFolder``; class indices follow the sorted class folder
+    names, which must be the same in both splits (``ValueError`` otherwise); a missing folder or
+    a class without images raises ``FileNotFoundError`` naming the expected layout.
+    Test (and, without ``augment``, training) images: ``Resize(image_size)``,
+    ``CenterCrop(image_size)``, ``ToTensor``, ``Normalize`` with the ImageNet mean
+    ``(0.485, 0.456, 0.406)`` and std ``(0.229, 0.224, 0.225)``. ``augment=True`` trains on
+    ``RandomResizedCrop(image_size)`` (scale 0.08–1) + ``RandomHorizontalFlip`` instead, drawn
+    from the seeded ``loader.generator`` that also shuffles.
+    """
+    _check_batch_size(batch_size)
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be an int >= 1, got {image_size!r}")
+    try:
+        from torchvision import datasets, transforms
+    except ImportError as err:  # pragma: no cover
+        raise ImportError("ssa.data.imagefolder needs torchvision (pip install torchvision)") from err
+    train_dir, val_dir, _ = _imagefolder_dirs(root)
+    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    plain = transforms.Compose([transforms.Resize(image_size), transforms.CenterCrop(image_size), *normalize])
+    generator = torch.Generator().manual_seed(seed)
+    test_set = datasets.ImageFolder(val_dir, transform=plain)
+    if augment:
+        random = transforms.Compose([transforms.RandomResizedCrop(image_size),
+                                     transforms.RandomHorizontalFlip(), *normalize])
+        train_set = _SeededTransform(datasets.ImageFolder(train_dir), random, generator)
+    else:
+        train_set = datasets.ImageFolder(train_dir, transform=plain)
+    train, test = _loaders(train_set, test_set, batch_size, seed, num_workers, generator)
+    return train, test, len(test_set.classes)
+
+
+# --------------------------------------------------------------------------- registry
+
+# name -> (num_classes, in_shape); None classes: read from the data. File datasets need a root.
+_DATASETS = {"digits": (10, (1, 8, 8)), "cifar10": (10, (3, 32, 32)), "cifar100": (100, (3, 32, 32)),
+             "imagefolder": (None, (3, 32, 32))}
+_FILE_DATASETS = ("cifar10", "cifar100", "imagefolder")
 
 
 def available() -> list[str]:
@@ -59,13 +366,43 @@ def available() -> list[str]:
     return sorted(_DATASETS)
 
 
-def get(name: str, batch_size: int = 64, seed: int = 0, root: str | None = None):
-    """``(train_loader, test_loader, num_classes, in_shape)`` of a named dataset (see :func:`available`).
+def check(name: str, root=None, augment: bool = False) -> None:
+    """Cheap checks :func:`get` would fail on, without reading any image (the CLI calls it first).
 
-    ``root`` is the local data folder of file-based datasets; the embedded ``"digits"`` ignores it.
+    ``ValueError`` for an unknown name, a file dataset without ``root``, ``augment`` on
+    ``"digits"`` or image-folder splits with different classes; ``FileNotFoundError`` (naming
+    the expected files or layout) when the data is not there.
     """
     if name not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {available()}")
-    train, test = digits(batch_size, seed)
+    if name == "digits":
+        if augment:
+            raise ValueError("dataset 'digits' has no augmentation (augment=True / --augment)")
+        return
+    if root is None:
+        raise ValueError(f"dataset {name!r} is read from a local folder: pass it with --data-root DIR "
+                         f"(or root= in ssa.data.get); nothing is downloaded")
+    if name == "imagefolder":
+        _imagefolder_dirs(root)
+    else:
+        _cifar_dir(name, root)
+
+
+def get(name: str, batch_size: int = 64, seed: int = 0, root: str | None = None, augment: bool = False):
+    """``(train_loader, test_loader, num_classes, in_shape)`` of a named dataset (see :func:`available`).
+
+    ``"digits"`` (10, ``(1, 8, 8)``) is embedded and ignores ``root``; ``"cifar10"`` (10,
+    ``(3, 32, 32)``), ``"cifar100"`` (100, ``(3, 32, 32)``) and ``"imagefolder"`` (classes from the
+    data, ``(3, 32, 32)``) read the folder ``root`` (see :func:`cifar10`, :func:`cifar100`,
+    :func:`imagefolder`) and raise ``ValueError`` when it is ``None``. ``augment`` turns on the
+    training-set augmentation of the file datasets.
+    """
+    check(name, root, augment)
     classes, shape = _DATASETS[name]
+    if name == "digits":
+        train, test = digits(batch_size, seed)
+    elif name == "imagefolder":
+        train, test, classes = imagefolder(root, batch_size, seed, image_size=shape[-1], augment=augment)
+    else:
+        train, test = _cifar(name, root, batch_size, seed, augment, 0)
     return train, test, classes, shape

@@ -1,4 +1,5 @@
-"""``SSALinear``: a drop-in ``nn.Linear`` kept as SVD factors ``W = U diag(s) Vᵀ`` (DESIGN §2-§7)."""
+"""``SSALinear`` and ``SSAConv2d``: drop-in ``nn.Linear`` / ``nn.Conv2d`` kept as SVD factors
+``W = U diag(s) Vᵀ`` (DESIGN §2-§7; a kernel as its spatial SVD, §4)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import torch
 from torch import Tensor, nn
 
 import ssa_kernels
+from ssa_kernels import _checks as _kchecks
+from ssa_kernels import reference as _kref
 
-__all__ = ["SSALinear", "ACTIVATIONS"]
+__all__ = ["SSALayer", "SSALinear", "SSAConv2d", "ACTIVATIONS"]
 
 #: Activations fused into the forward kernel (their derivative is computable from the output).
 ACTIVATIONS = ("none", "relu", "leaky_relu", "tanh", "sigmoid")
@@ -22,19 +25,19 @@ def _seed_from_global() -> int:
     return int(torch.randint(0, 2**31 - 1, (1,)).item())
 
 
-def _check_int(name: str, value, low: int = 1) -> int:
+def _check_int(name: str, value, low: int = 1, owner: str = "SSALinear") -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"SSALinear: {name} must be an int, got {type(value).__name__}")
+        raise TypeError(f"{owner}: {name} must be an int, got {type(value).__name__}")
     if value < low:
-        raise ValueError(f"SSALinear: {name} must be >= {low}, got {value}")
+        raise ValueError(f"{owner}: {name} must be >= {low}, got {value}")
     return value
 
 
-def _activation_name(activation) -> str:
+def _activation_name(activation, owner: str = "SSALinear") -> str:
     if activation is None:
         return "none"
     if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise ValueError(f"SSALinear: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
+        raise ValueError(f"{owner}: activation must be None or one of {ACTIVATIONS}, got {activation!r}")
     return activation
 
 
@@ -46,46 +49,18 @@ def random_frame(m: int, n: int, r: int, gen: torch.Generator) -> tuple[Tensor, 
     return BU[:, :r].float(), BS[:r].float(), BVh[:r].t().float()
 
 
-class SSALinear(nn.Module):
-    """``nn.Linear`` whose weight is kept as SVD factors and trained by SSA.
-
-    Same positional arguments and forward semantics as ``nn.Linear``
-    (``y = x Wᵀ + b`` over the last dimension of any-rank ``x``), with
-    ``W = U diag(s) Vᵀ``: ``U`` (out×r), ``s`` (r), ``V`` (in×r) and ``bias`` are
-    ``nn.Parameter``s. The forward calls :func:`ssa_kernels.lowrank_linear`, which carries an
-    autograd formula, so backpropagation through the layer works (BP baselines, local
-    modules). Initialisation (DESIGN §3): ``nn.Linear``'s own init, SVD, the leading
-    ``rank`` triplets (default full rank ``min(in, out)``).
-
-    ``activation`` (``None``, ``"relu"``, ``"leaky_relu"``, ``"tanh"``, ``"sigmoid"``) is fused
-    into the forward kernel; the :class:`ssa.Trainer` folds an activation module that follows
-    the layer in an ``nn.Sequential`` into it. Buffers (in ``state_dict``, moved by ``.to()``,
-    never parameters): the alignment targets ``target_U, target_s, target_V`` (rank-``r0``
-    SVD of a fixed seeded Gaussian matrix, DESIGN §6) and, once the trainer knows the number
-    of classes, the DFA feedback factors ``feedback_P, feedback_sigma, feedback_Q``
-    (``B = P diag(σ) Qᵀ``, DESIGN §5). ``seed`` fixes the init, targets and feedback; by
-    default it is drawn from torch's global RNG.
+class SSALayer(nn.Module):
+    """What :class:`SSALinear` and :class:`SSAConv2d` share: factors ``U (m×r)``, ``s (r)``,
+    ``V (n×r)`` and ``bias`` as ``nn.Parameter``s; alignment targets and DFA feedback as
+    buffers; rank surgery (:meth:`truncate`, :meth:`reorthonormalize`) and checkpoints that
+    resize. ``factor_shape = (m, n)``: rows of ``U`` and ``V`` (``out × in`` for a linear
+    layer, ``N·kw × C·kh`` for a convolution). Not used directly.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
-                 rank: int | None = None, activation: str | None = None, negative_slope: float = 0.01,
-                 seed: int | None = None, backend: str = "auto") -> None:
-        super().__init__()
-        _check_int("in_features", in_features)
-        _check_int("out_features", out_features)
-        full = min(in_features, out_features)
-        r0 = full if rank is None else _check_int("rank", rank)
-        if r0 > full:
-            raise ValueError(f"SSALinear: rank must be <= min(in_features, out_features) = {full}, got {r0}")
-        self.in_features, self.out_features = in_features, out_features
-        self.activation = _activation_name(activation)
-        self.negative_slope = float(negative_slope)
-        self.backend = backend
-        self.seed = _seed_from_global() if seed is None else int(seed)
-        self.r0 = r0
-        self.frozen_rank = False
-        factory = dict(device=device, dtype=dtype if dtype is not None else torch.get_default_dtype())
-        W, b, (BU, BS, BV) = _draw(self.seed, out_features, in_features, r0)
+    _owner = "SSALayer"
+
+    def _init_factors(self, W: Tensor, b: Tensor, frame, r0: int, bias: bool, factory: dict) -> None:
+        BU, BS, BV = frame
         U, s, Vh = torch.linalg.svd(W, full_matrices=False)
         self.U = nn.Parameter(U[:, :r0].to(**factory).contiguous())
         self.s = nn.Parameter(s[:r0].to(**factory))
@@ -107,15 +82,14 @@ class SSALinear(nn.Module):
         return self.s.shape[0]
 
     @property
-    def weight(self) -> Tensor:
-        """The dense weight ``U diag(s) Vᵀ`` (out×in), a detached read-only view."""
-        with torch.no_grad():
-            return ((self.U * self.s) @ self.V.t()).detach()
+    def factor_shape(self) -> tuple[int, int]:
+        """``(m, n)``: rows of ``U`` and of ``V`` (the 2-D shape the SVD is taken of)."""
+        raise NotImplementedError
 
-    def extra_repr(self) -> str:
-        act = "" if self.activation == "none" else f", activation={self.activation!r}"
-        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"bias={self.bias is not None}{act}")
+    @property
+    def feedback_width(self) -> int:
+        """``d``: the width of the DFA signal (output features or output channels)."""
+        raise NotImplementedError
 
     def ortho_error(self) -> float:
         """``‖UᵀU − I‖_F``."""
@@ -123,56 +97,52 @@ class SSALinear(nn.Module):
             U = self.U.float()
             return float((U.t() @ U - torch.eye(self.rank, device=U.device)).norm())
 
-    # ------------------------------------------------------------------ forward
-    def forward(self, x: Tensor) -> Tensor:
+    def _check_input(self, x) -> None:
         if not isinstance(x, Tensor):
-            raise TypeError(f"SSALinear: input must be a Tensor, got {type(x).__name__}")
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"SSALinear: input must have {self.in_features} features in its last "
-                             f"dimension (in_features), got shape {tuple(x.shape)}")
+            raise TypeError(f"{self._owner}: input must be a Tensor, got {type(x).__name__}")
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
         from . import _tape  # local import: _tape imports this module
 
         tape = _tape.active()
         if tape is not None:  # the trainer records what the local update needs
-            return tape.linear(self, x)
-        lead = x.shape[:-1]
-        h, _ = self.lowrank(x.reshape(-1, self.in_features))
-        return h.reshape(*lead, self.out_features)
+            return tape.ssa(self, x)
+        h, _ = self.lowrank(self.flat_input(x))
+        return self.shape_output(h, x)
 
-    def lowrank(self, x2: Tensor, factors: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor]:
-        """``(h, t)`` of the fused op for a 2-D input (``factors`` overrides ``U, s, V, bias``)."""
-        U, s, V, b = factors if factors is not None else (self.U, self.s, self.V, self.bias)
-        return ssa_kernels.lowrank_linear(x2, U, s, V, b, self.activation, self.backend,
-                                          negative_slope=self.negative_slope)
+    def flat_input(self, x: Tensor) -> Tensor:
+        """The input in the op's layout (2-D rows for a linear layer, a 4-D batch for a conv)."""
+        raise NotImplementedError
+
+    def shape_output(self, h: Tensor, x: Tensor) -> Tensor:
+        """The op's output in the shape ``x`` asks for."""
+        raise NotImplementedError
+
+    def lowrank(self, x: Tensor, factors: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor]:
+        """``(h, t)`` of the fused forward op (``factors`` overrides ``U, s, V, bias``)."""
+        raise NotImplementedError
+
+    def factor_grads(self, x: Tensor, t: Tensor, delta: Tensor, **kw) -> tuple[Tensor, ...]:
+        """``(gU, gs, gV, gb)`` of the fused factor-gradient op (``delta``: error at the pre-activation)."""
+        raise NotImplementedError
+
+    def preactivation(self, t: Tensor) -> Tensor:
+        """``a`` recomputed from ``t`` (for the cosine term)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ feedback
-    def init_feedback(self, num_classes: int) -> None:
-        """Build the DFA feedback ``B = P diag(σ) Qᵀ`` (d×C) from the alignment frame (DESIGN §5).
-
-        ``k = min(C, out_features, r0)``: ``P`` = the leading ``k`` target columns, ``σ`` their
-        singular values rescaled so that ``‖B‖_F² = C``, ``Q`` a seeded random orthonormal
-        C×k. Idempotent for the same ``num_classes``.
-        """
-        C = _check_int("num_classes", num_classes, 2)
-        if self.feedback_Q is not None and self.feedback_Q.shape[0] == C:
-            return
-        gen = torch.Generator().manual_seed(self.seed + 1)
-        k = min(C, self.out_features, self.r0)
-        if self.target_U.shape[1] >= k and self.target_U.dtype in (torch.float32, torch.float64):
-            BU, BS = self.target_U, self.target_s  # the frame itself (its leading columns, exact)
-        else:  # targets already cut below k, or rounded to half precision: draw the frame again
-            _, _, (BU, BS, _) = _draw(self.seed, self.out_features, self.in_features, self.r0)
-        sigma = BS[:k].double()
-        sigma = sigma * math.sqrt(C) / sigma.norm()
-        Q = torch.linalg.qr(torch.randn(C, k, generator=gen, dtype=torch.float64))[0]
-        like = dict(device=self.U.device, dtype=self.U.dtype)
-        self.feedback_P = BU[:, :k].to(**like).contiguous()
-        self.feedback_sigma = sigma.to(**like)
-        self.feedback_Q = Q.to(**like).contiguous()
-
     @property
     def has_feedback(self) -> bool:
         return self.feedback_Q is not None
+
+    def _set_feedback(self, P: Tensor, sigma: Tensor, Q: Tensor, C: int) -> None:
+        sigma = sigma.double()
+        sigma = sigma * math.sqrt(C) / sigma.norm()  # ‖B‖_F² = C (DESIGN §5)
+        like = dict(device=self.U.device, dtype=self.U.dtype)
+        self.feedback_P = P.to(**like).contiguous()
+        self.feedback_sigma = sigma.to(**like)
+        self.feedback_Q = Q.to(**like).contiguous()
 
     # ------------------------------------------------------------------ factor surgery
     @torch.no_grad()
@@ -214,10 +184,10 @@ class SSALinear(nn.Module):
         and, since the kept columns are new directions, drops ``optimizer``'s state of
         ``U, s, V`` (pass the optimizer that holds them).
         """
-        rank = _check_int("rank", rank)
+        rank = _check_int("rank", rank, owner=self._owner)
         if rank > self.rank:
-            raise ValueError(f"SSALinear.truncate: rank must be <= the current rank {self.rank}, got {rank} "
-                             "(a rank cannot grow)")
+            raise ValueError(f"{self._owner}.truncate: rank must be <= the current rank {self.rank}, got "
+                             f"{rank} (a rank cannot grow)")
         self.reorthonormalize(sort=True)
         self._set_factors(self.U[:, :rank], self.s[:rank], self.V[:, :rank])
         self.target_U = self.target_U[:, :rank].contiguous()
@@ -230,11 +200,12 @@ class SSALinear(nn.Module):
     def _resize(self, rank: int) -> None:
         """Make room for ``rank`` triplets (values overwritten by a following load)."""
         like = dict(device=self.U.device, dtype=self.U.dtype)
-        self._set_factors(torch.zeros(self.out_features, rank, **like), torch.zeros(rank, **like),
-                          torch.zeros(self.in_features, rank, **like))
-        self.target_U = torch.zeros(self.out_features, rank, **like)
+        m, n = self.factor_shape
+        self._set_factors(torch.zeros(m, rank, **like), torch.zeros(rank, **like),
+                          torch.zeros(n, rank, **like))
+        self.target_U = torch.zeros(m, rank, **like)
         self.target_s = torch.zeros(rank, **like)
-        self.target_V = torch.zeros(self.in_features, rank, **like)
+        self.target_V = torch.zeros(n, rank, **like)
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict:
@@ -260,6 +231,124 @@ class SSALinear(nn.Module):
                 setattr(self, name, torch.empty(ref.shape, device=self.U.device, dtype=self.U.dtype))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def _activation_module(self) -> nn.Module | None:
+        if self.activation == "none":
+            return None
+        if self.activation == "leaky_relu":
+            return nn.LeakyReLU(self.negative_slope)
+        return _MODULE_OF[self.activation]()
+
+
+class SSALinear(SSALayer):
+    """``nn.Linear`` whose weight is kept as SVD factors and trained by SSA.
+
+    Same positional arguments and forward semantics as ``nn.Linear``
+    (``y = x Wᵀ + b`` over the last dimension of any-rank ``x``), with
+    ``W = U diag(s) Vᵀ``: ``U`` (out×r), ``s`` (r), ``V`` (in×r) and ``bias`` are
+    ``nn.Parameter``s. The forward calls :func:`ssa_kernels.lowrank_linear`, which carries an
+    autograd formula, so backpropagation through the layer works (BP baselines, local
+    modules). Initialisation (DESIGN §3): ``nn.Linear``'s own init, SVD, the leading
+    ``rank`` triplets (default full rank ``min(in, out)``).
+
+    ``activation`` (``None``, ``"relu"``, ``"leaky_relu"``, ``"tanh"``, ``"sigmoid"``) is fused
+    into the forward kernel; the :class:`ssa.Trainer` folds an activation module that follows
+    the layer in an ``nn.Sequential`` into it. Buffers (in ``state_dict``, moved by ``.to()``,
+    never parameters): the alignment targets ``target_U, target_s, target_V`` (rank-``r0``
+    SVD of a fixed seeded Gaussian matrix, DESIGN §6) and, once the trainer knows the number
+    of classes, the DFA feedback factors ``feedback_P, feedback_sigma, feedback_Q``
+    (``B = P diag(σ) Qᵀ``, DESIGN §5). ``seed`` fixes the init, targets and feedback; by
+    default it is drawn from torch's global RNG.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None, *,
+                 rank: int | None = None, activation: str | None = None, negative_slope: float = 0.01,
+                 seed: int | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        _check_int("in_features", in_features)
+        _check_int("out_features", out_features)
+        full = min(in_features, out_features)
+        r0 = full if rank is None else _check_int("rank", rank)
+        if r0 > full:
+            raise ValueError(f"SSALinear: rank must be <= min(in_features, out_features) = {full}, got {r0}")
+        self.in_features, self.out_features = in_features, out_features
+        self.activation = _activation_name(activation)
+        self.negative_slope = float(negative_slope)
+        self.backend = backend
+        self.seed = _seed_from_global() if seed is None else int(seed)
+        self.r0 = r0
+        self.frozen_rank = False
+        factory = dict(device=device, dtype=dtype if dtype is not None else torch.get_default_dtype())
+        W, b, frame = _draw(self.seed, out_features, in_features, r0)
+        self._init_factors(W, b, frame, r0, bias, factory)
+
+    _owner = "SSALinear"
+
+    @property
+    def factor_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    @property
+    def feedback_width(self) -> int:
+        return self.out_features
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense weight ``U diag(s) Vᵀ`` (out×in), a detached read-only view."""
+        with torch.no_grad():
+            return ((self.U * self.s) @ self.V.t()).detach()
+
+    def extra_repr(self) -> str:
+        act = "" if self.activation == "none" else f", activation={self.activation!r}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.bias is not None}{act}")
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x) -> None:
+        super()._check_input(x)
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(f"SSALinear: input must have {self.in_features} features in its last "
+                             f"dimension (in_features), got shape {tuple(x.shape)}")
+
+    def flat_input(self, x: Tensor) -> Tensor:
+        return x.reshape(-1, self.in_features)
+
+    def shape_output(self, h: Tensor, x: Tensor) -> Tensor:
+        return h.reshape(*x.shape[:-1], self.out_features)
+
+    def lowrank(self, x2: Tensor, factors: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor]:
+        """``(h, t)`` of the fused op for a 2-D input (``factors`` overrides ``U, s, V, bias``)."""
+        U, s, V, b = factors if factors is not None else (self.U, self.s, self.V, self.bias)
+        return ssa_kernels.lowrank_linear(x2, U, s, V, b, self.activation, self.backend,
+                                          negative_slope=self.negative_slope)
+
+    def factor_grads(self, x2: Tensor, t: Tensor, delta: Tensor, **kw) -> tuple[Tensor, ...]:
+        return ssa_kernels.svd_factor_grads(x2, t, delta.reshape(x2.shape[0], -1), self.U.detach(),
+                                            self.s.detach(), self.V.detach(), backend=self.backend, **kw)
+
+    def preactivation(self, t: Tensor) -> Tensor:
+        a = (t.to(self.U.dtype) * self.s) @ self.U.t()
+        return a + self.bias if self.bias is not None else a
+
+    # ------------------------------------------------------------------ feedback
+    def init_feedback(self, num_classes: int) -> None:
+        """Build the DFA feedback ``B = P diag(σ) Qᵀ`` (d×C) from the alignment frame (DESIGN §5).
+
+        ``k = min(C, out_features, r0)``: ``P`` = the leading ``k`` target columns, ``σ`` their
+        singular values rescaled so that ``‖B‖_F² = C``, ``Q`` a seeded random orthonormal
+        C×k. Idempotent for the same ``num_classes``.
+        """
+        C = _check_int("num_classes", num_classes, 2)
+        if self.feedback_Q is not None and self.feedback_Q.shape[0] == C:
+            return
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        k = min(C, self.out_features, self.r0)
+        if self.target_U.shape[1] >= k and self.target_U.dtype in (torch.float32, torch.float64):
+            BU, BS = self.target_U, self.target_s  # the frame itself (its leading columns, exact)
+        else:  # targets already cut below k, or rounded to half precision: draw the frame again
+            _, _, (BU, BS, _) = _draw(self.seed, self.out_features, self.in_features, self.r0)
+        Q = torch.linalg.qr(torch.randn(C, k, generator=gen, dtype=torch.float64))[0]
+        self._set_feedback(BU[:, :k], BS[:k], Q, C)
 
     # ------------------------------------------------------------------ dense round trip
     @classmethod
@@ -294,11 +383,195 @@ class SSALinear(nn.Module):
             if self.bias is not None:
                 linear.bias.copy_(self.bias.detach())
         linear.train(self.training)
-        if self.activation == "none":
-            return linear
-        if self.activation == "leaky_relu":
-            return nn.Sequential(linear, nn.LeakyReLU(self.negative_slope))
-        return nn.Sequential(linear, _MODULE_OF[self.activation]())
+        act = self._activation_module()
+        return linear if act is None else nn.Sequential(linear, act)
+
+
+class SSAConv2d(SSALayer):
+    """``nn.Conv2d`` whose kernel is kept as its spatial SVD and trained by SSA (DESIGN §4).
+
+    Same arguments and forward semantics as ``nn.Conv2d`` (``groups`` must be 1 and
+    ``padding_mode`` ``"zeros"``: grouped convolutions and other padding modes stay dense,
+    :func:`ssa.convert` leaves them as they are). The kernel ``K`` (N×C×kh×kw) is viewed as
+    ``K'[(n, w), (c, h)] = K[n, c, h, w] = U diag(s) Vᵀ`` with ``U`` (N·kw × r), ``s`` (r),
+    ``V`` (C·kh × r) ``nn.Parameter``s, and the forward is two convolutions
+    (:func:`ssa_kernels.lowrank_conv2d`), equal to ``conv2d(x, K)`` at full rank
+    ``r = min(N·kw, C·kh)`` (the default). Initialisation: ``nn.Conv2d``'s own, then the
+    leading ``rank`` triplets of ``K'``'s SVD. Buffers: alignment targets (rank-``r0``
+    SVD of a seeded Gaussian ``N·kw × C·kh`` matrix) and, once the trainer knows the
+    number of classes, the DFA feedback ``B = P diag(σ) Qᵀ`` (N×C), shared by every
+    position of the output map (DESIGN §5). ``activation`` is fused into the forward.
+    """
+
+    _owner = "SSAConv2d"
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
+                 rank: int | None = None, activation: str | None = None, negative_slope: float = 0.01,
+                 seed: int | None = None, backend: str = "auto") -> None:
+        super().__init__()
+        fn = "SSAConv2d"
+        _check_int("in_channels", in_channels, owner=fn)
+        _check_int("out_channels", out_channels, owner=fn)
+        kernel, strides, pads, dil = _kchecks.conv_geometry(fn, kernel_size, stride, padding, dilation,
+                                                            groups, padding_mode)
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.dilation = kernel, strides, dil
+        self.padding = padding if isinstance(padding, str) else (
+            (pads[0], pads[2]) if pads[0] == pads[1] and pads[2] == pads[3] else pads)
+        self._pads = pads
+        self.groups, self.padding_mode = 1, "zeros"
+        m, n = out_channels * kernel[1], in_channels * kernel[0]
+        full = min(m, n)
+        r0 = full if rank is None else _check_int("rank", rank, owner=fn)
+        if r0 > full:
+            raise ValueError(f"SSAConv2d: rank must be <= min(out_channels·kw, in_channels·kh) = {full}, "
+                             f"got {r0}")
+        self.activation = _activation_name(activation, fn)
+        self.negative_slope = float(negative_slope)
+        self.backend = backend
+        self.seed = _seed_from_global() if seed is None else int(seed)
+        self.r0 = r0
+        self.frozen_rank = False
+        factory = dict(device=device, dtype=dtype if dtype is not None else torch.get_default_dtype())
+        K, b, frame = _draw_conv(self.seed, out_channels, in_channels, kernel, r0)
+        self._init_factors(_kref.factors_from_kernel(K), b, frame, r0, bias, factory)
+
+    # ------------------------------------------------------------------ views
+    @property
+    def factor_shape(self) -> tuple[int, int]:
+        return self.out_channels * self.kernel_size[1], self.in_channels * self.kernel_size[0]
+
+    @property
+    def feedback_width(self) -> int:
+        return self.out_channels
+
+    @property
+    def weight(self) -> Tensor:
+        """The dense kernel (out_channels × in_channels × kh × kw), a detached read-only view."""
+        with torch.no_grad():
+            return _kref.kernel_from_factors(self.U, self.s, self.V, self.kernel_size).detach().contiguous()
+
+    def extra_repr(self) -> str:
+        act = "" if self.activation == "none" else f", activation={self.activation!r}"
+        text = (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}")
+        if self._pads != (0, 0, 0, 0):
+            text += f", padding={self.padding!r}"
+        if self.dilation != (1, 1):
+            text += f", dilation={self.dilation}"
+        return text + f", rank={self.rank}, bias={self.bias is not None}{act}"
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x) -> None:
+        super()._check_input(x)
+        if x.dim() not in (3, 4) or x.shape[-3] != self.in_channels:
+            raise ValueError(f"SSAConv2d: input must be (N, C, H, W) or (C, H, W) with C = in_channels = "
+                             f"{self.in_channels}, got shape {tuple(x.shape)}")
+
+    def flat_input(self, x: Tensor) -> Tensor:
+        return x if x.dim() == 4 else x.unsqueeze(0)
+
+    def shape_output(self, h: Tensor, x: Tensor) -> Tensor:
+        return h if x.dim() == 4 else h.squeeze(0)
+
+    def _geometry(self) -> dict:
+        return dict(kernel_size=self.kernel_size, stride=self.stride, padding=self._pads,
+                    dilation=self.dilation)
+
+    def lowrank(self, x: Tensor, factors: tuple[Tensor, ...] | None = None) -> tuple[Tensor, Tensor]:
+        """``(h, t)`` of :func:`ssa_kernels.lowrank_conv2d` for a 4-D input."""
+        U, s, V, b = factors if factors is not None else (self.U, self.s, self.V, self.bias)
+        return ssa_kernels.lowrank_conv2d(x, U, s, V, b, **self._geometry(), activation=self.activation,
+                                          negative_slope=self.negative_slope, backend=self.backend)
+
+    def factor_grads(self, x: Tensor, t: Tensor, delta: Tensor, **kw) -> tuple[Tensor, ...]:
+        g = self._geometry()
+        return ssa_kernels.svd_conv_factor_grads(
+            x, t, delta.reshape(x.shape[0], self.out_channels, *delta.shape[-2:]), self.U.detach(),
+            self.s.detach(), self.V.detach(), g["kernel_size"], g["stride"], g["padding"], g["dilation"],
+            backend=self.backend, **kw)
+
+    def preactivation(self, t: Tensor) -> Tensor:
+        _, K2 = _kref.conv_kernels(self.U, self.V, self.kernel_size)
+        ts = t.to(self.U.dtype) * self.s[:, None, None]
+        return torch.nn.functional.conv2d(ts, K2, self.bias, (1, self.stride[1]), 0, (1, self.dilation[1]))
+
+    # ------------------------------------------------------------------ feedback
+    def init_feedback(self, num_classes: int) -> None:
+        """Build the DFA feedback ``B = P diag(σ) Qᵀ`` (out_channels × C), DESIGN §5.
+
+        ``B`` is a seeded Gaussian with unit-norm columns, factored exactly by its SVD
+        (``k = min(C, out_channels)`` columns), ``σ`` rescaled so that ``‖B‖_F² = C``. The
+        projected signal is per output channel and shared by every position. Idempotent
+        for the same ``num_classes``.
+        """
+        C = _check_int("num_classes", num_classes, 2, owner=self._owner)
+        if self.feedback_Q is not None and self.feedback_Q.shape[0] == C:
+            return
+        gen = torch.Generator().manual_seed(self.seed + 1)
+        B = torch.randn(self.out_channels, C, generator=gen, dtype=torch.float64)
+        B = B / B.norm(dim=0, keepdim=True).clamp_min(1e-12)
+        P, sigma, Qh = torch.linalg.svd(B, full_matrices=False)
+        k = min(C, self.out_channels)
+        self._set_feedback(P[:, :k], sigma[:k], Qh[:k].t(), C)
+
+    # ------------------------------------------------------------------ dense round trip
+    @classmethod
+    def from_dense(cls, conv: nn.Conv2d, rank: int | None = None, seed: int | None = None) -> SSAConv2d:
+        """An ``SSAConv2d`` from the leading ``rank`` triplets of the SVD of ``conv``'s kernel as ``K'``.
+
+        At full rank (default) it reproduces ``conv``'s output to fp32 precision. ``groups``
+        must be 1 and ``padding_mode`` ``"zeros"``.
+        """
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"SSAConv2d.from_dense: conv must be an nn.Conv2d, got {type(conv).__name__}")
+        K = conv.weight.detach()
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                    conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device=K.device,
+                    dtype=K.dtype, rank=rank, seed=seed)
+        with torch.no_grad():
+            U, s, Vh = torch.linalg.svd(_kref.factors_from_kernel(K.double()), full_matrices=False)
+            r = layer.rank
+            layer._set_factors(U[:, :r].to(K.dtype), s[:r].to(K.dtype), Vh[:r].t().to(K.dtype))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias.detach())
+        layer.train(conv.training)
+        return layer
+
+    def to_dense(self) -> nn.Module:
+        """An ``nn.Conv2d`` with kernel ``U diag(s) Vᵀ`` reshaped back, and the same bias.
+
+        A fused activation is kept: the result is then ``nn.Sequential(conv, activation)``.
+        Asymmetric explicit padding (four values) becomes an ``nn.ZeroPad2d`` in front.
+        """
+        pads = self._pads
+        symmetric = pads[0] == pads[1] and pads[2] == pads[3]
+        padding = self.padding if isinstance(self.padding, str) else ((pads[0], pads[2]) if symmetric else 0)
+        conv = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, padding,
+                         self.dilation, bias=self.bias is not None, device=self.U.device, dtype=self.U.dtype)
+        with torch.no_grad():
+            conv.weight.copy_(self.weight)
+            if self.bias is not None:
+                conv.bias.copy_(self.bias.detach())
+        conv.train(self.training)
+        mods = [conv]
+        if not isinstance(self.padding, str) and not symmetric:
+            mods.insert(0, nn.ZeroPad2d((pads[2], pads[3], pads[0], pads[1])))
+        act = self._activation_module()
+        if act is not None:
+            mods.append(act)
+        return mods[0] if len(mods) == 1 else nn.Sequential(*mods)
+
+
+def _draw_conv(seed: int, N: int, C: int, kernel: tuple[int, int], r0: int):
+    """Seeded draws of a conv layer: ``nn.Conv2d``'s init of ``K, b`` and the targets (``N·kw × C·kh``)."""
+    gen = torch.Generator().manual_seed(seed)
+    kh, kw = kernel
+    bound = 1.0 / math.sqrt(C * kh * kw)  # kaiming_uniform(a=√5) over fan_in, and the bias's bound
+    K = (torch.rand(N, C, kh, kw, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+    b = (torch.rand(N, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+    return K, b, random_frame(N * kw, C * kh, r0, gen)
 
 
 def _draw(seed: int, m: int, n: int, r0: int):
@@ -311,7 +584,7 @@ def _draw(seed: int, m: int, n: int, r0: int):
 
 
 @torch.no_grad()
-def _permute_state(optimizer: torch.optim.Optimizer, layer: SSALinear, perm: Tensor) -> None:
+def _permute_state(optimizer: torch.optim.Optimizer, layer: SSALayer, perm: Tensor) -> None:
     for p, dim in ((layer.U, 1), (layer.s, 0), (layer.V, 1)):
         state = optimizer.state.get(p)
         if not state:

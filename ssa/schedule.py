@@ -96,7 +96,7 @@ class RankSchedule:
                 layer.frozen_rank = True
                 return None
         if self.cap:
-            m, n = layer.out_features, layer.in_features
+            m, n = layer.factor_shape  # out × in, or N·kw × C·kh for a kernel (DESIGN §8)
             target = min(target, max(floor, (m * n) // (m + n)))
         new_rank = max(floor, min(target, layer.rank))
         if new_rank < layer.rank:

@@ -38,7 +38,7 @@ from ssa_kernels.reference import activation_grad, feedback_signal
 
 from . import _tape
 from .convert import convert, to_dense
-from .layers import SSALinear
+from .layers import SSALayer
 from .loss import LossConfig
 from .schedule import RankSchedule
 
@@ -54,8 +54,10 @@ FUSIBLE = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.LeakyReLU
 #: when not in FUSIBLE).
 ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.GELU, nn.SiLU, nn.ELU, nn.Softplus,
                nn.Mish, nn.Hardtanh, nn.ReLU6, nn.Hardswish, nn.Identity)
-NORMS = (nn.BatchNorm1d, nn.LayerNorm)
-DROPOUTS = (nn.Dropout,)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+DROPOUTS = (nn.Dropout, nn.Dropout2d)
+#: Layers the trainer updates (SSA layers, and dense ones by plain DFA).
+DENSE = (nn.Linear, nn.Conv2d)
 
 
 @dataclass(eq=False)
@@ -91,16 +93,15 @@ class _Tape:
                                "local_modules=, or use separate layers)")
         self.seen.add(id(unit))
 
-    # SSALinear.forward lands here while the tape is active.
-    def linear(self, layer: SSALinear, x: Tensor) -> Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, layer.in_features)
+    # SSALinear.forward / SSAConv2d.forward land here while the tape is active.
+    def ssa(self, layer: SSALayer, x: Tensor) -> Tensor:
+        x2 = layer.flat_input(x)
         if self.local:  # inside a local module: autograd to x, factor gradients by the fused op
             owner = self.local[-1]
             if self.mode == "light":
                 with torch.no_grad():
                     h, _ = layer.lowrank(x2)
-                return h.reshape(*lead, layer.out_features)
+                return layer.shape_output(h, x)
             b = layer.bias.detach() if layer.bias is not None else None
             h, t = layer.lowrank(x2, (layer.U.detach(), layer.s.detach(), layer.V.detach(), b))
             if h.requires_grad:
@@ -108,11 +109,11 @@ class _Tape:
             else:
                 h = h.detach().requires_grad_(True)
             owner.cap.setdefault("inner", []).append((layer, x2.detach(), t.detach(), h))
-            return h.reshape(*lead, layer.out_features)
+            return layer.shape_output(h, x)
         unit = self.trainer._unit_of.get(layer)
         with torch.no_grad():
             h, t = layer.lowrank(x2)
-        out = h.reshape(*lead, layer.out_features)
+        out = layer.shape_output(h, x)
         if unit is None:  # an SSA layer the trainer does not train (frozen)
             return out
         self.once(unit)
@@ -130,7 +131,7 @@ class _Tape:
         if self.mode == "light":
             return
         x = inputs[0]
-        unit.cap = {"x": x.reshape(-1, x.shape[-1]), "out": output}
+        unit.cap = {"x": x if isinstance(unit.head, nn.Conv2d) else x.reshape(-1, x.shape[-1]), "out": output}
         if not unit.tail and self.mode == "apply":
             self.trainer._update(unit, self.e)
 
@@ -170,10 +171,14 @@ class Trainer:
     """Trains ``model`` for ``num_classes``-way classification with SSA or a baseline.
 
     Args:
-        model: a plain PyTorch model; ``method="ssa"`` converts its ``nn.Linear`` layers to
-            :class:`SSALinear` (in place, keeping existing SSA layers, see :func:`ssa.convert`)
-            and folds an activation module that follows an SSA layer in an ``nn.Sequential``
-            into the layer's fused kernel; ``method="bp"`` turns SSA layers back to dense.
+        model: a plain PyTorch model; ``method="ssa"`` converts its ``nn.Linear`` and
+            ``nn.Conv2d`` (groups 1) layers to :class:`SSALinear` / :class:`SSAConv2d` (in place,
+            keeping existing SSA layers, see :func:`ssa.convert`) and folds an activation module
+            that follows an SSA layer in an ``nn.Sequential`` into the layer's fused kernel;
+            ``method="bp"`` turns SSA layers back to dense. A convolution's DFA signal is per
+            output channel and shared by every position (DESIGN §5); its tail in an
+            ``nn.Sequential`` is ``(BatchNorm2d) → activation (→ Dropout)``, a pooling layer
+            after it is outside the layer's update (the signal enters before it).
         num_classes: classes ``C`` of the output (the model's last dimension).
         method: ``"ssa"`` (DESIGN §5-§8) or ``"bp"`` (dense, autograd).
         loss: :class:`LossConfig` (coefficients and gradient form).
@@ -185,12 +190,19 @@ class Trainer:
         reorth_every: re-orthonormalise every SSA layer every this many steps (``None``: never).
         seed: seeds the conversion, the feedback of dense/local units and ``torch``'s RNG.
         local_modules: modules (or their qualified names) trained as *local modules*: input
-            detached, DFA signal at the output, autograd inside (DESIGN §5).
+            detached, DFA signal at the output, autograd inside (DESIGN §5). Modules whose
+            class sets ``ssa_local = True`` (the residual blocks of :mod:`ssa.models`) are
+            local modules too.
         freeze_norms: leave the affine parameters of norms after SSA layers untrained.
         rank: initial rank of converted layers (``None``: full).
         skip: names or types of ``nn.Linear`` layers to leave dense (trained by plain DFA).
         backend: ``ssa_kernels`` backend for every op.
         device: move the model there first.
+        lr_milestones, lr_gamma: step decay of the learning rate, ``× lr_gamma`` after each
+            listed epoch (``torch.optim.lr_scheduler.MultiStepLR``; the papers' recipe is
+            ``(20, 40, 60)``, ÷10).
+        lr_scheduler: instead, a callable ``optimizer -> torch.optim.lr_scheduler.LRScheduler``
+            stepped once per epoch. Either is saved in checkpoints.
 
     Other trainable parameters outside SSA layers, dense layers, norms after a layer and
     local modules make ``method="ssa"`` raise (freeze them with ``requires_grad_(False)`` or
@@ -202,7 +214,8 @@ class Trainer:
                  optimizer="adam", lr: float = 1e-3, schedule: RankSchedule | None = None,
                  memory: str = "store", reorth_every: int | None = None, seed: int = 0, *,
                  local_modules=(), freeze_norms: bool = False, rank: int | None = None, skip=(),
-                 backend: str = "auto", device=None) -> None:
+                 backend: str = "auto", device=None, lr_milestones=(), lr_gamma: float = 0.1,
+                 lr_scheduler=None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Trainer: model must be an nn.Module, got {type(model).__name__}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -240,23 +253,25 @@ class Trainer:
         if method == "ssa":
             convert(model, rank=rank, skip=skip, seed=seed)
             for layer in model.modules():
-                if isinstance(layer, SSALinear):
+                if isinstance(layer, SSALayer):
                     layer.backend = backend
             self._prepare_ssa(local_modules)
         else:
             to_dense(model)
         self.optimizer = self._make_optimizer(optimizer)
+        self.lr_scheduler = self._make_scheduler(lr_milestones, lr_gamma, lr_scheduler)
 
     # ------------------------------------------------------------------ preparation
     def _prepare_ssa(self, local_modules) -> None:
         model = self.model
         names = {m: n for n, m in model.named_modules()}
-        local = []
+        local = [m for m in model.modules() if getattr(m, "ssa_local", False) is True]
         for item in local_modules:
             mod = model.get_submodule(item) if isinstance(item, str) else item
             if mod not in names:
                 raise ValueError(f"Trainer: local module {item!r} is not a submodule of the model")
-            local.append(mod)
+            if mod not in local:
+                local.append(mod)
         inside_local = set()
         for mod in local:
             inside_local.update(m for m in mod.modules() if m is not mod)
@@ -272,8 +287,8 @@ class Trainer:
         for name, mod in model.named_modules():
             if mod in inside_local or mod in self._unit_of:
                 continue
-            if isinstance(mod, SSALinear) or (isinstance(mod, nn.Linear) and mod.weight.requires_grad):
-                kind = "ssa" if isinstance(mod, SSALinear) else "dense"
+            if isinstance(mod, SSALayer) or (isinstance(mod, DENSE) and mod.weight.requires_grad):
+                kind = "ssa" if isinstance(mod, SSALayer) else "dense"
                 unit = _Unit(name, kind, mod, tails_of.get(mod, []))
                 self._add_unit(unit)
                 handled.update(id(p) for p in mod.parameters(recurse=False))
@@ -281,8 +296,8 @@ class Trainer:
                     if isinstance(t, NORMS) and not self.freeze_norms:
                         handled.update(id(p) for p in t.parameters())
         if not self.units:
-            raise ValueError("Trainer: method='ssa' found no layer it can train (no nn.Linear / SSALinear "
-                             "and no local module)")
+            raise ValueError("Trainer: method='ssa' found no layer it can train (no nn.Linear / nn.Conv2d / "
+                             "SSA layer and no local module)")
         if not any(u.kind in ("ssa", "local") for u in self.units):  # every SSA layer is in one
             raise ValueError("Trainer: method='ssa' found no SSA layer to train")
         frozen_norms = {id(p) for u in self.units for t in u.tail if isinstance(t, NORMS)
@@ -291,7 +306,8 @@ class Trainer:
                    if p.requires_grad and id(p) not in handled and id(p) not in frozen_norms]
         if orphans:
             raise ValueError(f"Trainer: method='ssa' cannot train parameters {orphans[:5]}"
-                             f"{' …' if len(orphans) > 5 else ''}: only SSA layers, dense nn.Linear, "
+                             f"{' …' if len(orphans) > 5 else ''}: only SSA layers, dense "
+                             "nn.Linear/nn.Conv2d, "
                              "norms right after a layer and local modules are trained; declare their module "
                              "in local_modules= or freeze them with requires_grad_(False)")
         self._handled = handled
@@ -306,7 +322,7 @@ class Trainer:
             keys = list(parent._modules.keys())
             for i, key in enumerate(keys[:-1]):
                 layer, nxt = parent._modules[key], parent._modules[keys[i + 1]]
-                if isinstance(layer, SSALinear) and layer.activation == "none" and type(nxt) in FUSIBLE:
+                if isinstance(layer, SSALayer) and layer.activation == "none" and type(nxt) in FUSIBLE:
                     layer.activation = FUSIBLE[type(nxt)]
                     if isinstance(nxt, nn.LeakyReLU):
                         layer.negative_slope = float(nxt.negative_slope)
@@ -319,7 +335,7 @@ class Trainer:
                 continue
             mods = list(parent._modules.values())
             for i, mod in enumerate(mods):
-                if not isinstance(mod, (nn.Linear, SSALinear)):
+                if not isinstance(mod, DENSE + (SSALayer,)):
                     continue
                 tail = []
                 for nxt in mods[i + 1:]:
@@ -392,10 +408,28 @@ class Trainer:
         except (RuntimeError, ValueError, TypeError):  # fused kernels unsupported for this device/dtype
             return cls(params, lr=self.lr)
 
+    def _make_scheduler(self, milestones, gamma, factory):
+        milestones = tuple(milestones or ())
+        if any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in milestones):
+            raise ValueError(f"Trainer: lr_milestones must be ints >= 1 (epochs), got {milestones!r}")
+        if not (isinstance(gamma, (int, float)) and math.isfinite(gamma) and gamma > 0):
+            raise ValueError(f"Trainer: lr_gamma must be a positive finite number, got {gamma!r}")
+        if factory is not None:
+            if milestones:
+                raise ValueError("Trainer: give lr_milestones or lr_scheduler, not both")
+            sched = factory(self.optimizer)
+            if not isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
+                raise TypeError("Trainer: lr_scheduler must return a torch.optim.lr_scheduler.LRScheduler")
+            return sched
+        if milestones:
+            return torch.optim.lr_scheduler.MultiStepLR(self.optimizer, sorted(milestones),
+                                                        gamma=float(gamma))
+        return None
+
     # ------------------------------------------------------------------ queries
-    def ssa_layers(self) -> dict[str, SSALinear]:
-        """The model's SSA layers by qualified name."""
-        return {n: m for n, m in self.model.named_modules() if isinstance(m, SSALinear)}
+    def ssa_layers(self) -> dict[str, SSALayer]:
+        """The model's SSA layers (:class:`SSALinear`, :class:`SSAConv2d`) by qualified name."""
+        return {n: m for n, m in self.model.named_modules() if isinstance(m, SSALayer)}
 
     def ranks(self) -> dict[str, int]:
         return {n: m.rank for n, m in self.ssa_layers().items()}
@@ -557,18 +591,15 @@ class Trainer:
         if norm.bias is not None:
             _accumulate(norm.bias, delta.sum(dims))
 
-    def _hoyer_on(self, layer: SSALinear) -> bool:
+    def _hoyer_on(self, layer: SSALayer) -> bool:
         return (self.loss.hoyer > 0 and self.schedule is not None and not layer.frozen_rank
                 and self.schedule.hoyer_active(self.epoch))
 
-    def _factor_grads(self, layer: SSALinear, x2: Tensor, t: Tensor, delta: Tensor) -> None:
+    def _factor_grads(self, layer: SSALayer, x2: Tensor, t: Tensor, delta: Tensor) -> None:
         kw = self.loss.factor_kwargs(self._hoyer_on(layer))
-        targets = {}
         if kw["align"] > 0:
-            targets = dict(BU=layer.target_U, BS=layer.target_s, BV=layer.target_V)
-        gU, gs, gV, gb = ssa_kernels.svd_factor_grads(x2, t, delta.reshape(x2.shape[0], -1), layer.U.detach(),
-                                                      layer.s.detach(), layer.V.detach(), **targets, **kw,
-                                                      backend=self.backend)
+            kw.update(BU=layer.target_U, BS=layer.target_s, BV=layer.target_V)
+        gU, gs, gV, gb = layer.factor_grads(x2, t, delta, **kw)
         _accumulate(layer.U, gU)
         _accumulate(layer.s, gs)
         _accumulate(layer.V, gV)
@@ -583,13 +614,10 @@ class Trainer:
         else:
             out = cap["out"]
             layer = unit.head
-            fused = unit.kind == "ssa" and not unit.tail and not unit.is_output and out.dim() == 2
+            fused = (unit.kind == "ssa" and not unit.tail and not unit.is_output
+                     and cap["h"].shape == out.shape)
             if fused:  # the fully fused path: projection + activation mask (+ cosine) in one op
-                a = None
-                if self.loss.cos > 0:
-                    a = (cap["t"] * layer.s) @ layer.U.t()
-                    if layer.bias is not None:
-                        a = a + layer.bias
+                a = layer.preactivation(cap["t"]) if self.loss.cos > 0 else None
                 delta = ssa_kernels.dfa_project(e.to(out.dtype), layer.feedback_P, layer.feedback_sigma,
                                                 layer.feedback_Q, cap["h"], layer.activation, a=a,
                                                 cos=float(self.loss.cos), negative_slope=layer.negative_slope,
@@ -601,6 +629,13 @@ class Trainer:
                     delta = delta * activation_grad(h, layer.activation, layer.negative_slope)
             if unit.kind == "ssa":
                 self._factor_grads(layer, cap["x"], cap["t"], delta)
+            elif isinstance(layer, nn.Conv2d):  # plain DFA of a dense conv: its own weight-gradient
+                with torch.enable_grad():
+                    w = layer.weight.detach().requires_grad_(True)
+                    gw = torch.autograd.grad(layer._conv_forward(cap["x"], w, None), w, delta)[0]
+                _accumulate(layer.weight, gw)
+                if layer.bias is not None:
+                    _accumulate(layer.bias, delta.sum((0, 2, 3)) if delta.dim() == 4 else delta.sum((1, 2)))
             else:
                 d2 = delta.reshape(-1, delta.shape[-1])
                 _accumulate(layer.weight, d2.t() @ cap["x"])
@@ -618,8 +653,7 @@ class Trainer:
         for layer, x2, t, h in cap.get("inner", []):
             g = h.grad if h.grad is not None else torch.zeros_like(h)
             fprime = activation_grad(h.detach(), layer.activation, layer.negative_slope)
-            d = g.reshape(x2.shape[0], -1) * fprime.reshape(x2.shape[0], -1)
-            self._factor_grads(layer, x2, t, d)
+            self._factor_grads(layer, x2, t, g * fprime)
 
     def _all_reduce(self) -> None:
         dist = torch.distributed
@@ -670,7 +704,7 @@ class Trainer:
         # Buffers a forward may update (norm statistics, a user's running averages) are put back
         # before the second forward; SSA layers' buffers (targets, feedback) never change in one.
         stats = {f"{mn}.{bn}" if mn else bn: buf.clone() for mn, mod in self.model.named_modules()
-                 if not isinstance(mod, SSALinear) for bn, buf in mod.named_buffers(recurse=False)}
+                 if not isinstance(mod, SSALayer) for bn, buf in mod.named_buffers(recurse=False)}
         self._clear()
         with _tape.activate(_Tape(self, "light")):
             z = self.model(x)
@@ -713,7 +747,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ epochs
     def end_epoch(self) -> dict[str, int]:
-        """Apply the rank schedule after epoch ``self.epoch``; returns the layers cut and their new ranks."""
+        """Apply the rank schedule (and step the learning-rate schedule) after epoch ``self.epoch``.
+
+        Returns the layers cut and their new ranks.
+        """
         cut = {}
         if self.schedule is not None:
             for unit in self.units:
@@ -723,6 +760,8 @@ class Trainer:
                                                optimizer=self.optimizer)
                 if new is not None:
                     cut[unit.name] = new
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
         self.epoch += 1
         return cut
 
@@ -794,6 +833,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "feedback": {k: v for k, v in self.feedback.items() if v is not None},
             "schedule": self.schedule.to_dict() if self.schedule is not None else None,
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "loss": self.loss.to_dict(), "epoch": self.epoch, "step": self.step_count,
             "history": copy.deepcopy(self.history), "best_acc": self.best_acc,
             "rng": {"torch": torch.get_rng_state(),
@@ -808,11 +848,13 @@ class Trainer:
         if state.get("num_classes") != self.num_classes:
             raise ValueError(f"Trainer.load_state_dict: checkpoint for {state.get('num_classes')} classes, "
                              f"this trainer has {self.num_classes}")
-        self.model.load_state_dict(state["model"])  # SSALinear resizes itself to the saved rank
+        self.model.load_state_dict(state["model"])  # SSA layers resize themselves to the saved rank
         self.optimizer.load_state_dict(state["optimizer"])
         self.feedback.update({k: v.to(self.device) for k, v in state["feedback"].items()})
         if state.get("schedule") is not None:
             self.schedule = RankSchedule(**state["schedule"])
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.epoch, self.step_count = int(state["epoch"]), int(state["step"])
         self.history, self.best_acc = copy.deepcopy(state["history"]), float(state["best_acc"])
         torch.set_rng_state(state["rng"]["torch"])

@@ -6,6 +6,10 @@ Ops (DESIGN.md §3, §5, §6, §7)::
     dfa_project(e, P, sigma, Q, h, activation="none", *, a=None, cos=0.0) -> delta
     svd_factor_grads(x, t, delta, U, s, V, *, BU, BS, BV, ce, align, ortho, hoyer, ...)
         -> (gU, gs, gV, gb)
+    lowrank_conv2d(x, U, s, V, bias=None, *, kernel_size, stride, padding, dilation,
+                   activation, backend) -> (h, t)                                 (DESIGN §4)
+    svd_conv_factor_grads(x, t, delta, U, s, V, kernel_size, stride, padding, dilation, *,
+                          <the options of svd_factor_grads>) -> (gU, gs, gV, gb)
     reorthonormalize(U, s, V) -> (U, s, V)
     available_backends(device) -> list[str]
 
@@ -23,8 +27,10 @@ from . import _backends, _ops  # noqa: F401  (_ops defines every op schema first
 from ._api import (
     available_backends,
     dfa_project,
+    lowrank_conv2d,
     lowrank_linear,
     reorthonormalize,
+    svd_conv_factor_grads,
     svd_factor_grads,
 )
 from ._checks import set_debug
@@ -53,8 +59,10 @@ _load_extension()
 __all__ = [
     "available_backends",
     "dfa_project",
+    "lowrank_conv2d",
     "lowrank_linear",
     "reorthonormalize",
     "set_debug",
+    "svd_conv_factor_grads",
     "svd_factor_grads",
 ]

@@ -136,6 +136,100 @@ def svd_factor_grads(
                 scaling, projection, eps)
 
 
+def lowrank_conv2d(
+    x: Tensor,
+    U: Tensor,
+    s: Tensor,
+    V: Tensor,
+    bias: Tensor | None = None,
+    *,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    activation: str | None = "none",
+    negative_slope: float = 0.01,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Low-rank convolution ``h = f(conv2d(x, K) + b)`` with ``K' = U diag(s) Vᵀ`` (DESIGN §4).
+
+    The kernel ``K`` (N×C×kh×kw) is viewed as ``K'[(n, w), (c, h)] = K[n, c, h, w]``:
+    ``U`` is ``(N·kw) × r`` (row ``n·kw + w``), ``V`` is ``(C·kh) × r`` (row ``c·kh + h``).
+    Two convolutions, equal to ``conv2d(x, K)`` at full rank::
+
+        t = conv2d(x, K1, stride=(sh, 1), padding=(ph, pw), dilation=(dh, 1))   # K1[j,c,h,0] = V[(c,h),j]
+        h = f(conv2d(t * s, K2, bias, stride=(1, sw), dilation=(1, dw)))        # K2[n,j,0,w] = U[(n,w),j]
+
+    Shapes: ``x (p, C, H, W)`` → ``h (p, N, Ho, Wo)`` in ``x.dtype`` and ``t (p, r, Ho, W + pl + pr)``
+    in fp32 (fp64 for fp64 inputs), kept for the update. ``kernel_size`` is required;
+    ``stride``, ``dilation``: int or pair; ``padding``: int, pair, ``(top, bottom, left, right)``,
+    ``"valid"`` or ``"same"`` (asymmetric for even kernels, as ``nn.Conv2d``). Differentiable
+    w.r.t. ``x, U, s, V, bias``. Backends: ``"reference"``, ``"cpu"``, ``"cuda"`` (no Triton).
+    """
+    fn = "ssa_kernels.lowrank_conv2d"
+    activation, slope = _checks.activation(fn, activation, negative_slope)
+    geometry = _checks.conv_geometry(fn, kernel_size, stride, padding, dilation)
+    _checks.lowrank_conv2d(x, U, s, V, bias, geometry)
+    impl = _backends.select("lowrank_conv2d", backend, x.device, x.dtype)
+    kernel, stride, padding, dilation = geometry
+    return impl(x, U, s, V, bias, list(kernel), list(stride), list(padding), list(dilation),
+                activation, slope)
+
+
+def svd_conv_factor_grads(
+    x: Tensor,
+    t: Tensor,
+    delta: Tensor,
+    U: Tensor,
+    s: Tensor,
+    V: Tensor,
+    kernel_size,
+    stride=1,
+    padding=0,
+    dilation=1,
+    *,
+    BU: Tensor | None = None,
+    BS: Tensor | None = None,
+    BV: Tensor | None = None,
+    ce: float = 1.0,
+    align: float = 0.0,
+    ortho: float = 0.0,
+    hoyer: float = 0.0,
+    hoyer_eps: float = 1e-3,
+    scaling: str = "euclidean",
+    projection: str = "stiefel",
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SVD-factor gradients of :func:`lowrank_conv2d` with penalties and projection (DESIGN §4, §6).
+
+    ``x (p, C, H, W)``, ``t`` from :func:`lowrank_conv2d`, ``delta (p, N, Ho, Wo)`` (the
+    error at the pre-activation), factors as in :func:`lowrank_conv2d`, targets ``BU (N·kw, k)``,
+    ``BS (k)``, ``BV (C·kh, k)`` → ``gU, gs, gV, gb`` in ``U.dtype``. The ce parts are the
+    weight-gradients of the two convolutions reshaped to ``U``/``V`` (they carry ``diag(s)``:
+    the ``euclidean`` form, the exact gradient of ``Σ delta ⊙ a``; ``scaling="inverse"``
+    divides them by ``s²``); the epilogue (alignment, ortho, Hoyer, projection) is the one of
+    :func:`svd_factor_grads`, with the same options. Autograd-free.
+    """
+    fn = "ssa_kernels.svd_conv_factor_grads"
+    scaling = _checks.choice(fn, "scaling", scaling, SCALINGS)
+    projection = _checks.choice(fn, "projection", projection, PROJECTIONS)
+    ce = _checks.number(fn, "ce", ce)
+    align = _checks.number(fn, "align", align)
+    ortho = _checks.number(fn, "ortho", ortho)
+    hoyer = _checks.number(fn, "hoyer", hoyer)
+    hoyer_eps = _checks.number(fn, "hoyer_eps", hoyer_eps, positive=True)
+    eps = _checks.number(fn, "eps", eps, positive=True)
+    geometry = _checks.conv_geometry(fn, kernel_size, stride, padding, dilation)
+    _checks.svd_conv_factor_grads(x, t, delta, U, s, V, geometry, BU, BS, BV, align)
+    if align == 0.0:
+        BU = BS = BV = None
+    impl = _backends.select("svd_conv_factor_grads", backend, x.device, x.dtype)
+    kernel, stride, padding, dilation = geometry
+    return impl(x, t, delta, U, s, V, list(kernel), list(stride), list(padding), list(dilation),
+                BU, BS, BV, ce, align, ortho, hoyer, hoyer_eps, scaling, projection, eps)
+
+
 @torch.no_grad()
 def reorthonormalize(U: Tensor, s: Tensor, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Restore ``UᵀU = VᵀV = I`` without changing ``W = U diag(s) Vᵀ`` (DESIGN §7).
@@ -148,10 +242,11 @@ def reorthonormalize(U: Tensor, s: Tensor, V: Tensor) -> tuple[Tensor, Tensor, T
     return _ref.reorthonormalize(U, s, V)
 
 
-def available_backends(device: torch.device | str | None = None) -> list[str]:
+def available_backends(device: torch.device | str | None = None, op: str | None = None) -> list[str]:
     """Backends that can run on ``device`` (default CPU), ``"auto"``'s choice first.
 
     Among ``"reference"``, ``"cpu"`` (compiled C++), ``"cuda"`` (compiled CUDA) and
-    ``"triton"`` (GPU, or CPU with ``TRITON_INTERPRET=1``).
+    ``"triton"`` (GPU, or CPU with ``TRITON_INTERPRET=1``). With ``op`` (e.g.
+    ``"lowrank_conv2d"``), only the backends that implement that op.
     """
-    return _backends.available_backends(device)
+    return _backends.available_backends(device, op)

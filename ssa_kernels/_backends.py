@@ -61,7 +61,7 @@ def triton_module():
     if "triton" not in _state:
         try:
             module = importlib.import_module("ssa_kernels.triton")
-            for op in _ops.SCHEMAS:
+            for op in _ops.TRITON_OPS:
                 _ops.get(op, "triton")  # AttributeError if the module did not register it
             _state["triton"] = module
             _state["triton_error"] = None
@@ -76,6 +76,10 @@ class Backend:
     name: str
     family: str
     dtypes: tuple[torch.dtype, ...]
+    ops: tuple[str, ...] | None = None  # None: every op of _ops.SCHEMAS
+
+    def implements(self, op: str) -> bool:
+        return self.ops is None or op in self.ops
 
     def available(self, device: torch.device) -> bool:
         if self.name == "reference":
@@ -114,16 +118,22 @@ REGISTRY = {
     "reference": Backend("reference", "ref", _ALL_FLOATS),
     "cpu": Backend("cpu", "native", _ALL_FLOATS),
     "cuda": Backend("cuda", "native", _ALL_FLOATS),
-    "triton": Backend("triton", "triton", (torch.float16, torch.bfloat16, torch.float32)),
+    "triton": Backend("triton", "triton", (torch.float16, torch.bfloat16, torch.float32),
+                      _ops.TRITON_OPS),
 }
 
 
-def available_backends(device: torch.device | str | None = None) -> list[str]:
-    """Names of the backends that can run on ``device`` (default: CPU), in preference order."""
+def available_backends(device: torch.device | str | None = None, op: str | None = None) -> list[str]:
+    """Names of the backends that can run on ``device`` (default: CPU), in preference order.
+
+    With ``op``, only those that implement it.
+    """
     device = torch.device("cpu" if device is None else device)
     order = PREFERENCE.get(device.type, ("reference",))
     names = [n for n in order if REGISTRY[n].available(device)]
     names += [n for n in BACKENDS if n not in names and REGISTRY[n].available(device)]
+    if op is not None:
+        names = [n for n in names if REGISTRY[n].implements(op)]
     return names
 
 
@@ -145,16 +155,21 @@ def select(op: str, backend: str, device: torch.device, dtype: torch.dtype):
     if backend == "auto":
         for name in auto_order(op, device):
             b = REGISTRY[name]
-            if dtype in b.dtypes and b.available(device):
+            if b.implements(op) and dtype in b.dtypes and b.available(device):
                 return b.op(op)
         return REGISTRY["reference"].op(op)
     if backend not in REGISTRY:
         raise ValueError(f"{fn}: {source} must be 'auto' or one of {BACKENDS}, got {backend!r}")
     b = REGISTRY[backend]
+    if not b.implements(op):
+        raise RuntimeError(
+            f"{fn}: {source} asks for {backend!r}, which does not implement this op (its two "
+            "convolutions are cuDNN/ATen calls; a Triton kernel would not speed them up). "
+            f"Backends for it here: {available_backends(device, op)}.")
     if not b.available(device):
         raise RuntimeError(
             f"{fn}: {source} asks for {backend!r}, which cannot run on device {str(device)!r}: "
-            f"{b.why_not(device)}. Available here: {available_backends(device)}.")
+            f"{b.why_not(device)}. Available here: {available_backends(device, op)}.")
     if dtype not in b.dtypes:
         raise TypeError(f"{fn}: backend {backend!r} supports dtypes "
                         f"{[str(d) for d in b.dtypes]}, got {dtype}")

@@ -175,6 +175,13 @@ def svd_factor_grads(x, t, delta, U, s, V, BU, BS, BV, align):
     size(fn, "t", t, 1, r, "r, the number of columns of U")
     size(fn, "delta", delta, 0, p, "p, the batch size of x")
     size(fn, "delta", delta, 1, m, "m, the number of rows of U")
+    _targets(fn, U, V, BU, BS, BV, align)
+    finite(fn, x=x, t=t, delta=delta, U=U, s=s, V=V, BU=BU, BS=BS, BV=BV)
+    return m, r, n
+
+
+def _targets(fn, U, V, BU, BS, BV, align):
+    m, n = U.shape[0], V.shape[0]
     given = [b is not None for b in (BU, BS, BV)]
     if any(given) and not all(given):
         raise ValueError(f"{fn}: alignment targets BU, BS, BV must be given together or not "
@@ -194,5 +201,125 @@ def svd_factor_grads(x, t, delta, U, s, V, BU, BS, BV, align):
         size(fn, "BV", BV, 1, k, "k, the length of BS")
     elif align != 0.0:
         raise ValueError(f"{fn}: align = {align} needs the alignment targets BU, BS, BV")
+
+
+# ------------------------------------------------------------------ convolutions (DESIGN §4)
+
+
+def _pair(fn: str, name: str, value, low: int) -> tuple[int, int]:
+    vals = (value, value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if (not isinstance(vals, (tuple, list)) or len(vals) != 2
+            or any(isinstance(v, bool) or not isinstance(v, int) for v in vals)):
+        raise TypeError(f"{fn}: {name} must be an int or a pair of ints, got {value!r}")
+    if any(v < low for v in vals):
+        raise ValueError(f"{fn}: {name} must be >= {low}, got {value!r}")
+    return int(vals[0]), int(vals[1])
+
+
+def conv_geometry(fn: str, kernel_size, stride, padding, dilation, groups=1, padding_mode="zeros"):
+    """Normalised ``(kernel (kh, kw), stride, padding (top, bottom, left, right), dilation)``.
+
+    ``padding``: an int, a pair ``(ph, pw)``, four ints ``(top, bottom, left, right)``,
+    ``"valid"`` or ``"same"`` (stride 1 only; for an even kernel the extra row/column goes
+    to the bottom/right, as ``nn.Conv2d`` pads). Grouped convolutions and padding modes
+    other than ``"zeros"`` are refused (DESIGN §4).
+    """
+    if kernel_size is None:
+        raise TypeError(f"{fn}: kernel_size is required (the factors alone do not determine it)")
+    kernel = _pair(fn, "kernel_size", kernel_size, 1)
+    stride = _pair(fn, "stride", stride, 1)
+    dilation = _pair(fn, "dilation", dilation, 1)
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups != 1:
+        raise ValueError(f"{fn}: groups must be 1, got {groups!r}: grouped and depthwise convolutions "
+                         "have no spatial-SVD form here and stay dense (DESIGN §4)")
+    if padding_mode != "zeros":
+        raise ValueError(f"{fn}: padding_mode must be 'zeros', got {padding_mode!r} (DESIGN §4)")
+    if isinstance(padding, str):
+        if padding == "valid":
+            pads = (0, 0, 0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"{fn}: padding='same' needs stride 1 (as nn.Conv2d), got stride {stride}")
+            pads = []
+            for k, d in zip(kernel, dilation):
+                total = d * (k - 1)
+                pads += [total // 2, total - total // 2]
+            pads = tuple(pads)
+        else:
+            raise ValueError(f"{fn}: padding must be an int, a pair, four ints, 'valid' or 'same', "
+                             f"got {padding!r}")
+    elif isinstance(padding, (tuple, list)) and len(padding) == 4:
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in padding):
+            raise TypeError(f"{fn}: padding must hold ints, got {padding!r}")
+        if any(v < 0 for v in padding):
+            raise ValueError(f"{fn}: padding must be >= 0, got {padding!r}")
+        pads = tuple(int(v) for v in padding)
+    else:
+        ph, pw = _pair(fn, "padding", padding, 0)
+        pads = (ph, ph, pw, pw)
+    return kernel, stride, pads, dilation
+
+
+def conv_factors(fn: str, x, U, s, V, kernel):
+    """``U (N·kw × r)``, ``V (C·kh × r)`` against ``x (p, C, H, W)``; returns ``(N, C, r)``."""
+    tensor(fn, "x", x, ndim=4)
+    kh, kw = kernel
+    C = x.shape[1]
+    tensor(fn, "U", U, ndim=2)
+    tensor(fn, "V", V, ndim=2)
+    if U.shape[0] % kw != 0 or U.shape[0] == 0:
+        raise ValueError(f"{fn}: U has shape {_shape(U)}; its rows must be N·kw (out channels × kernel "
+                         f"width kw = {kw}), row n·kw + w")
+    size(fn, "V", V, 0, C * kh, f"C·kh = {C}·{kh}, input channels × kernel height, row c·kh + h")
+    _, r, _ = factors(fn, U, s, V, anchor=("x", x))
+    return U.shape[0] // kw, C, r
+
+
+def conv_out_shape(fn: str, x, kernel, stride, padding, dilation) -> tuple[int, int, int]:
+    """``(Ho, Wo, Wt)``: output size and the width of ``t`` (input width + left + right)."""
+    from .reference import conv_out_size
+
+    H, W = x.shape[2], x.shape[3]
+    Ho = conv_out_size(H, padding[0] + padding[1], kernel[0], stride[0], dilation[0])
+    Wt = W + padding[2] + padding[3]
+    Wo = conv_out_size(Wt, 0, kernel[1], stride[1], dilation[1])
+    if Ho < 1 or Wo < 1:
+        raise ValueError(f"{fn}: input {_shape(x)} is smaller than the dilated kernel {kernel} "
+                         f"(dilation {dilation}, padding {padding}): the output would be {Ho}×{Wo}")
+    return Ho, Wo, Wt
+
+
+def lowrank_conv2d(x, U, s, V, bias, geometry):
+    fn = "ssa_kernels.lowrank_conv2d"
+    kernel, stride, padding, dilation = geometry
+    N, C, r = conv_factors(fn, x, U, s, V, kernel)
+    if bias is not None:
+        tensor(fn, "bias", bias, ndim=1)
+        same(fn, "x", x, "bias", bias)
+        size(fn, "bias", bias, 0, N, "N, the output channels (rows of U / kw)")
+    conv_out_shape(fn, x, kernel, stride, padding, dilation)
+    finite(fn, x=x, U=U, s=s, V=V, bias=bias)
+    return N, C, r
+
+
+def svd_conv_factor_grads(x, t, delta, U, s, V, geometry, BU, BS, BV, align):
+    fn = "ssa_kernels.svd_conv_factor_grads"
+    kernel, stride, padding, dilation = geometry
+    N, C, r = conv_factors(fn, x, U, s, V, kernel)
+    tensor(fn, "t", t, ndim=4)
+    tensor(fn, "delta", delta, ndim=4)
+    same(fn, "x", x, "delta", delta)
+    same(fn, "x", x, "t", t, dtype=False)
+    if t.dtype not in (x.dtype, acc_dtype(x.dtype)):
+        raise TypeError(f"{fn}: t must have dtype {x.dtype} or {acc_dtype(x.dtype)} (as "
+                        f"lowrank_conv2d returns it), got {t.dtype}")
+    Ho, Wo, Wt = conv_out_shape(fn, x, kernel, stride, padding, dilation)
+    p = x.shape[0]
+    if tuple(t.shape) != (p, r, Ho, Wt):
+        raise ValueError(f"{fn}: t must have shape {(p, r, Ho, Wt)} (batch, rank, output height, padded "
+                         f"input width; as lowrank_conv2d returns it), got {_shape(t)}")
+    if tuple(delta.shape) != (p, N, Ho, Wo):
+        raise ValueError(f"{fn}: delta must have the output's shape {(p, N, Ho, Wo)}, got {_shape(delta)}")
+    _targets(fn, U, V, BU, BS, BV, align)
     finite(fn, x=x, t=t, delta=delta, U=U, s=s, V=V, BU=BU, BS=BS, BV=BV)
-    return m, r, n
+    return N, C, r

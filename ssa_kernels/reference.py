@@ -242,12 +242,43 @@ def svd_factor_grads(
     """
     dt = x.dtype
     t = t.to(dt)
-    r = U.shape[1]
     w = delta @ U
+    return factor_epilogue(delta.t() @ t, x.t() @ w, (w * t).sum(0), delta.sum(0), U, s, V, BU, BS, BV,
+                           ce, align, ortho, hoyer, hoyer_eps, scaling, projection, eps)
+
+
+def factor_epilogue(
+    RU: Tensor,
+    RV: Tensor,
+    gs_ce: Tensor,
+    gb_ce: Tensor,
+    U: Tensor,
+    s: Tensor,
+    V: Tensor,
+    BU: Tensor | None,
+    BS: Tensor | None,
+    BV: Tensor | None,
+    ce: float,
+    align: float,
+    ortho: float,
+    hoyer: float,
+    hoyer_eps: float,
+    scaling: str,
+    projection: str,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """DESIGN §6 from the two big products, shared by the linear and the convolution ops.
+
+    ``RU = δᵀt`` (m×r), ``RV = xᵀw`` (n×r), ``gs_ce = colsum(w ⊙ t)``, ``gb_ce = colsum(δ)``
+    (for a convolution: the weight-gradients of its two convolutions without ``diag(s)``,
+    reshaped to ``U``/``V``, and the sums over batch and positions, DESIGN §4). Applies the
+    scaling ``D``, alignment, ortho, Hoyer terms and the projection.
+    """
+    r = U.shape[1]
     d = s if scaling == "euclidean" else safe_inverse(s, eps)
-    MU = ce * (delta.t() @ t) * d
-    MV = ce * (x.t() @ w) * d
-    gs = ce * (w * t).sum(0)
+    MU = ce * RU * d
+    MV = ce * RV * d
+    gs = ce * gs_ce
     if align != 0.0:
         BU, BS, BV, k = _targets(BU, BS, BV, r)
         pad = (0, r - k)
@@ -265,9 +296,180 @@ def svd_factor_grads(
     else:
         gU = tangent_projection(U, MU + OU, projection)
         gV = tangent_projection(V, MV + OV, projection)
-    gb = ce * delta.sum(0)
+    gb = ce * gb_ce
     pt = U.dtype
-    return gU.to(pt), gs.to(pt), gV.to(pt), gb.to(pt)
+    return gU.to(pt).contiguous(), gs.to(pt), gV.to(pt).contiguous(), gb.to(pt)
+
+
+# ------------------------------------------------------------------ convolutions (DESIGN §4)
+
+
+def conv_out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) -> int:
+    """Output length of a convolution along one dimension (``pad`` = both sides together)."""
+    return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def conv_kernels(U: Tensor, V: Tensor, kernel_size) -> tuple[Tensor, Tensor]:
+    """The two kernels of the spatial SVD (DESIGN §4), from ``V`` and ``U`` (no ``s``).
+
+    ``K1[j, c, h, 0] = V[(c, h), j]`` (r×C×kh×1), ``K2[n, j, 0, w] = U[(n, w), j]`` (N×r×1×kw).
+    """
+    kh, kw = kernel_size
+    r = U.shape[1]
+    N, C = U.shape[0] // kw, V.shape[0] // kh
+    K1 = V.t().reshape(r, C, kh, 1).contiguous()  # a strided weight view makes oneDNN copy the input
+    K2 = U.reshape(N, kw, r).permute(0, 2, 1).reshape(N, r, 1, kw).contiguous()
+    return K1, K2
+
+
+def factors_from_kernel(K: Tensor) -> Tensor:
+    """``K'`` (N·kw × C·kh) of a kernel ``K`` (N×C×kh×kw): ``K'[(n, w), (c, h)] = K[n, c, h, w]``."""
+    N, C, kh, kw = K.shape
+    return K.permute(0, 3, 1, 2).reshape(N * kw, C * kh)
+
+
+def kernel_from_factors(U: Tensor, s: Tensor, V: Tensor, kernel_size) -> Tensor:
+    """The dense kernel ``K`` (N×C×kh×kw) of ``K' = U diag(s) Vᵀ``."""
+    kh, kw = kernel_size
+    Kp = (U * s) @ V.t()
+    N, C = U.shape[0] // kw, V.shape[0] // kh
+    return Kp.reshape(N, kw, C, kh).permute(0, 2, 3, 1)
+
+
+def _pad_input(x: Tensor, padding) -> tuple[Tensor, tuple[int, int]]:
+    """Symmetric padding goes to the first convolution; asymmetric padding pre-pads ``x``."""
+    pt, pb, pl, pr = padding
+    if pt == pb and pl == pr:
+        return x, (pt, pl)
+    return torch.nn.functional.pad(x, (pl, pr, pt, pb)), (0, 0)
+
+
+def lowrank_conv2d(
+    x: Tensor,
+    U: Tensor,
+    s: Tensor,
+    V: Tensor,
+    bias: Tensor | None,
+    kernel_size,
+    stride=(1, 1),
+    padding=(0, 0, 0, 0),
+    dilation=(1, 1),
+    activation: str = "none",
+    negative_slope: float = 0.01,
+) -> tuple[Tensor, Tensor]:
+    """Low-rank convolution as two convolutions, DESIGN §4.
+
+    ``x (p×C×H×W)``, ``U (N·kw × r)``, ``s (r)``, ``V (C·kh × r)``, ``padding`` =
+    ``(top, bottom, left, right)`` ``-> h (p×N×Ho×Wo), t (p×r×Ho×(W + left + right))``::
+
+        t = conv2d(x, K1, stride=(sh, 1), padding=(ph, pw), dilation=(dh, 1))
+        a = conv2d(t ⊙ s, K2, bias, stride=(1, sw), dilation=(1, dw))
+        h = f(a)
+    """
+    K1, K2 = conv_kernels(U, V, kernel_size)
+    xp, pad = _pad_input(x, padding)
+    t = torch.nn.functional.conv2d(xp, K1, None, (stride[0], 1), pad, (dilation[0], 1))
+    a = torch.nn.functional.conv2d(t * s[:, None, None], K2, bias, (1, stride[1]), 0, (1, dilation[1]))
+    return activate(a, activation, negative_slope), t.to(acc_dtype(x.dtype))
+
+
+def _conv_backward(grad, inp, weight, stride, padding, dilation, mask, bias_sizes=None):
+    return torch.ops.aten.convolution_backward(grad, inp, weight, bias_sizes, list(stride), list(padding),
+                                               list(dilation), False, [0, 0], 1, list(mask))
+
+
+def lowrank_conv2d_backward(
+    grad_h: Tensor | None,
+    grad_t: Tensor | None,
+    x: Tensor,
+    U: Tensor,
+    s: Tensor,
+    V: Tensor,
+    h: Tensor,
+    t: Tensor,
+    kernel_size,
+    stride,
+    padding,
+    dilation,
+    activation: str,
+    negative_slope: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``lowrank_conv2d`` w.r.t. ``(x, U, s, V, bias)``: its autograd formula.
+
+    With ``ga = grad_h ⊙ f'(a)``: the input- and weight-gradients of the second convolution
+    give ``g(t⊙s)`` and ``gU`` (which carries ``s``), ``gs = Σ g(t⊙s) ⊙ t``; then
+    ``gt = g(t⊙s) ⊙ s + grad_t`` through the first convolution gives ``gx`` and ``gV``.
+    """
+    dt = x.dtype
+    tc = t.to(dt)
+    kh, kw = kernel_size
+    r = U.shape[1]
+    N, C = U.shape[0] // kw, V.shape[0] // kh
+    if grad_h is None:
+        grad_h = torch.zeros_like(h)
+    ga = grad_h * activation_grad(h, activation, negative_slope)
+    K1, K2 = conv_kernels(U, V, kernel_size)
+    xp, pad = _pad_input(x, padding)
+    sv = s[:, None, None]
+    gts, gK2, gb = _conv_backward(ga, tc * sv, K2, (1, stride[1]), (0, 0), (1, dilation[1]),
+                                  (True, True, True), [N])
+    gs = (gts * tc).sum((0, 2, 3))
+    gt = gts * sv
+    if grad_t is not None:
+        gt = gt + grad_t.to(dt)
+    gxp, gK1, _ = _conv_backward(gt, xp, K1, (stride[0], 1), pad, (dilation[0], 1), (True, True, False))
+    if xp is not x:
+        pt, _, pl, _ = padding
+        gxp = gxp[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]]
+    gU = gK2.reshape(N, r, kw).permute(0, 2, 1).reshape(N * kw, r)
+    gV = gK1.reshape(r, C * kh).t()
+    return gxp, gU, gs, gV, gb
+
+
+def svd_conv_factor_grads(
+    x: Tensor,
+    t: Tensor,
+    delta: Tensor,
+    U: Tensor,
+    s: Tensor,
+    V: Tensor,
+    kernel_size,
+    stride=(1, 1),
+    padding=(0, 0, 0, 0),
+    dilation=(1, 1),
+    BU: Tensor | None = None,
+    BS: Tensor | None = None,
+    BV: Tensor | None = None,
+    ce: float = 1.0,
+    align: float = 0.0,
+    ortho: float = 0.0,
+    hoyer: float = 0.0,
+    hoyer_eps: float = 1e-3,
+    scaling: str = "euclidean",
+    projection: str = "stiefel",
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """SVD-factor gradients of a low-rank convolution, DESIGN §4 + §6.
+
+    ``w`` = the input-gradient of the second convolution (the conv form of ``δU``);
+    ``RU`` = its weight-gradient with input ``t`` (the conv form of ``δᵀt``), ``RV`` = the
+    first convolution's weight-gradient with input ``x`` and output-gradient ``w`` (``xᵀw``),
+    reshaped to ``U``/``V``; ``gs = Σ w ⊙ t``; then :func:`factor_epilogue`, as for a linear
+    layer (so ``UᵀRU = wᵀt`` and ``VᵀRV = tᵀw`` hold here too).
+    """
+    dt = x.dtype
+    tc = t.to(dt)
+    kh, kw = kernel_size
+    r = U.shape[1]
+    N, C = U.shape[0] // kw, V.shape[0] // kh
+    K1, K2 = conv_kernels(U, V, kernel_size)
+    xp, pad = _pad_input(x, padding)
+    w, gK2, _ = _conv_backward(delta, tc, K2, (1, stride[1]), (0, 0), (1, dilation[1]), (True, True, False))
+    _, gK1, _ = _conv_backward(w, xp, K1, (stride[0], 1), pad, (dilation[0], 1), (False, True, False))
+    RU = gK2.reshape(N, r, kw).permute(0, 2, 1).reshape(N * kw, r)
+    RV = gK1.reshape(r, C * kh).t()
+    return factor_epilogue(RU, RV, (w * tc).sum((0, 2, 3)), delta.sum((0, 2, 3)), U, s, V, BU, BS, BV,
+                           ce, align, ortho, hoyer, hoyer_eps, scaling, projection, eps)
 
 
 def reorthonormalize(U: Tensor, s: Tensor, V: Tensor) -> tuple[Tensor, Tensor, Tensor]:

@@ -40,7 +40,7 @@ def emu():
             w.write_text(text)
         wrappers.append(str(w))
     sources = [str(EMU / "harness.cpp"), str(ROOT / "csrc" / "ops.cpp"),
-               str(ROOT / "csrc" / "factor_cores.cpp"), *wrappers]
+               str(ROOT / "csrc" / "factor_cores.cpp"), str(ROOT / "csrc" / "conv.cpp"), *wrappers]
     module = load(
         "ssa_cuda_emulation", sources, build_directory=str(build), verbose=False,
         extra_cflags=["-O1", "-std=c++20", "-DSSA_WITH_CUDA=1", "-DSSA_CUDA_EMULATION=1",
@@ -162,3 +162,36 @@ def test_emulated_svd_factor_grads(emu, dt, sms):
                 _close(f"{name} {(p, n, m, r, k)} {proj}/{sc}", gg, w, dt, max(4.0, p**0.5))
     finally:
         emu.set_sm_count(132)
+
+
+CONV = [  # (p, C, N, H, W, kernel, stride, padding (t, b, l, r), dilation, rank)
+    (2, 3, 5, 7, 6, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 4),
+    (3, 4, 70, 6, 5, (2, 3), (2, 1), (0, 1, 1, 1), (1, 2), 7),
+    (1, 66, 3, 4, 4, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 3),
+]
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_emulated_svd_conv_factor_grads(emu, dt):
+    """The conv op's CUDA entry: ATen convolutions + the split-K finishing kernel as its epilogue."""
+    g = gen(3)
+    for (p, C, N, H, W, kernel, stride, pad, dil, r), (proj, sc, align) in itertools.product(
+            CONV, [("stiefel", "euclidean", 0.1), ("paper", "inverse", 0.1), ("none", "euclidean", 0.0)]):
+        kh, kw = kernel
+        x = torch.randn(p, C, H, W, dtype=torch.float64, generator=g)
+        U, s, V = factors(N * kw, C * kh, r, g)
+        BU, BS, BV = targets(N * kw, C * kh, min(2, r), g)
+        geo = (kernel, stride, pad, dil)
+        low, hi = _rounded(dt, x, None, None, U, s, V, *((BU, BS, BV) if align else (None,) * 3))
+        h, t = ref.lowrank_conv2d(hi[0], hi[3], hi[4], hi[5], None, *geo)
+        delta = torch.randn(h.shape, dtype=torch.float64, generator=g)
+        low[1], hi[1] = t.to(ref.acc_dtype(dt)), t.to(ref.acc_dtype(dt)).double()
+        low[2] = delta.to(dt)
+        hi[2] = low[2].double()
+        kw_ = dict(ce=1.3, align=align, ortho=0.5, hoyer=0.01, hoyer_eps=1e-3, scaling=sc, projection=proj,
+                   eps=1e-6)
+        got = emu.svd_conv_factor_grads(*low[:6], *[list(v) for v in geo], *low[6:], *kw_.values())
+        want = ref.svd_conv_factor_grads(*hi[:6], *geo, *hi[6:], **kw_)
+        for name, gg, w in zip(("gU", "gs", "gV", "gb"), got, want):
+            assert gg.dtype == dt
+            _close(f"{name} {(p, C, N, kernel)} {proj}/{sc}", gg, w, dt, max(4.0, (p * H * W) ** 0.5))

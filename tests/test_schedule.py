@@ -19,7 +19,7 @@ class FakeLayer:
         self.s = torch.as_tensor(s, dtype=torch.float64)
         self.r0 = self.rank = len(self.s)
         assert self.r0 <= min(m, n)
-        self.out_features, self.in_features = m, n
+        self.factor_shape = (m, n)  # rows of U and V
         self.frozen_rank = False
         self.calls: list[tuple] = []
 

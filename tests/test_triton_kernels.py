@@ -318,7 +318,7 @@ def test_opcheck_svd_factor_grads():
                                       1e-6))
 
 
-@pytest.mark.parametrize("op", sorted(_ops.SCHEMAS))
+@pytest.mark.parametrize("op", sorted(_ops.TRITON_OPS))
 def test_entry_annotations_spell_the_schema(op):
     # On a GPU the ops are triton_ops whose schema is inferred from these annotations
     # (torch 2.11 ignores schema=): it must be the one schema every backend shares.
@@ -328,3 +328,12 @@ def test_entry_annotations_spell_the_schema(op):
     assert inferred == _ops.SCHEMAS[op]
     schema = str(_ops.get(op, "triton")._schema)
     assert schema == f"{_ops.NAMESPACE}::{op}_triton{_ops.SCHEMAS[op]}"
+
+
+def test_ops_without_a_triton_kernel_are_refused_by_name():
+    """The conv ops have no Triton implementation ("where it pays", DESIGN §4): no silent fallback."""
+    assert set(_ops.SCHEMAS) - set(_ops.TRITON_OPS) == {"lowrank_conv2d", "svd_conv_factor_grads"}
+    assert "triton" not in ssa_kernels.available_backends("cpu", "lowrank_conv2d")
+    x, U, s, V = torch.randn(1, 2, 4, 4), torch.eye(6, 2), torch.ones(2), torch.eye(6, 2)
+    with pytest.raises(RuntimeError, match="'triton', which does not implement this op"):
+        ssa_kernels.lowrank_conv2d(x, U, s, V, kernel_size=3, backend="triton")

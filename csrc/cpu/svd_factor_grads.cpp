@@ -51,6 +51,12 @@ at::Tensor factor_epilogue(const at::Tensor& acc, const at::Tensor& colscale, co
 
 }  // namespace
 
+at::Tensor factor_epilogue_cpu(const at::Tensor& acc, const at::Tensor& Y, const at::Tensor& C,
+                               const at::Tensor& Bk, const FactorCores& cores,
+                               at::ScalarType out_dtype) {
+  return factor_epilogue(acc, cores.colscale, Y, C, cores.beta, Bk, cores.k, out_dtype);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_cpu(
     const at::Tensor& x, const at::Tensor& t, const at::Tensor& delta, const at::Tensor& U,
     const at::Tensor& s, const at::Tensor& V, const std::optional<at::Tensor>& BU,

@@ -197,6 +197,41 @@ at::Tensor factor_product(const at::Tensor& A, const at::Tensor& B, const at::Te
 
 }  // namespace
 
+// The epilogue alone on a product computed elsewhere (the convolutions' weight-gradients):
+// the split-K finishing kernel with acc as its workspace.
+at::Tensor factor_epilogue_cuda(const at::Tensor& acc, const at::Tensor& Y, const at::Tensor& C,
+                                const at::Tensor& Bk, const FactorCores& cores,
+                                at::ScalarType out_dtype) {
+  const c10::cuda::CUDAGuard guard(acc.device());
+  const int64_t M = acc.size(0), R = acc.size(1);
+  auto ws = acc.contiguous();
+  auto out = at::empty({M, R}, acc.options().dtype(out_dtype));
+  auto colscale = cores.colscale.contiguous(), Yc = Y.contiguous(), Cc = C.contiguous();
+  auto Bc = cores.k > 0 ? Bk.contiguous() : at::Tensor();
+  const int64_t row_tiles = cuda::ceil_div(M, kBM), col_tiles = cuda::ceil_div(R, kBN);
+  TORCH_CHECK(col_tiles <= 65535, "ssa_kernels: rank ", R, " is too large");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "factor_epilogue_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    TORCH_CHECK(ws.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
+                "factor_epilogue_cuda: acc must be in the accumulation dtype");
+    FactorEpilogue<scalar_t, acc_t> ep{colscale.data_ptr<acc_t>(),
+                                       Yc.data_ptr<acc_t>(),
+                                       Cc.data_ptr<acc_t>(),
+                                       Bc.defined() ? Bc.data_ptr<acc_t>() : nullptr,
+                                       cores.k,
+                                       static_cast<acc_t>(cores.beta),
+                                       out.data_ptr<scalar_t>(),
+                                       M,
+                                       R};
+    const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
+    SSA_LAUNCH(grid, kThreads, stream, factor_finish_kernel<scalar_t, acc_t>)(
+        ws.data_ptr<acc_t>(), ep);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_cuda(
     const at::Tensor& x, const at::Tensor& t, const at::Tensor& delta, const at::Tensor& U,
     const at::Tensor& s, const at::Tensor& V, const std::optional<at::Tensor>& BU,
