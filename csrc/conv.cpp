@@ -10,6 +10,17 @@
 namespace ssa {
 namespace {
 
+// Canonical NCHW strides. A tensor with size-1 dims (a 1×1 kernel, r = 1) can pass
+// is_contiguous() with strides that also read as channels-last; ATen then takes oneDNN's NHWC
+// path, whose strided 1×1 backward-weights kernel corrupts the heap in torch 2.14 on AVX-512
+// CPUs with several threads (reproduced with torch alone: aten.convolution_backward on
+// channels-last 3×3×5×8 / 5×3×1×1, stride (1, 2), OMP_NUM_THREADS=2 -> "malloc(): invalid next
+// size"). Every tensor handed to a convolution here goes through this first.
+at::Tensor nchw(const at::Tensor& t) {
+  if (t.is_contiguous() && t.suggest_memory_format() == at::MemoryFormat::Contiguous) return t;
+  return t.clone(at::MemoryFormat::Contiguous);
+}
+
 int64_t out_size(int64_t size, int64_t pad, int64_t k, int64_t stride, int64_t dilation) {
   return (size + pad - dilation * (k - 1) - 1) / stride + 1;
 }
@@ -32,20 +43,20 @@ ConvShapes conv_shapes(const char* op, const at::Tensor& x, const at::Tensor& U,
 
 // K1[j, c, h, 0] = V[(c, h), j]  (r×C×kh×1)
 at::Tensor kernel1(const at::Tensor& V, const ConvShapes& c, const ConvGeometry& g) {
-  // contiguous: a strided weight view makes oneDNN pick channels-last and copy the input
-  return V.t().reshape({c.r, c.C, g.kh, 1}).contiguous();
+  // canonical strides: a strided weight view makes oneDNN pick channels-last (see nchw)
+  return nchw(V.t().reshape({c.r, c.C, g.kh, 1}));
 }
 
 // K2[n, j, 0, w] = U[(n, w), j]  (N×r×1×kw)
 at::Tensor kernel2(const at::Tensor& U, const ConvShapes& c, const ConvGeometry& g) {
-  return U.reshape({c.N, g.kw, c.r}).permute({0, 2, 1}).reshape({c.N, c.r, 1, g.kw}).contiguous();
+  return nchw(U.reshape({c.N, g.kw, c.r}).permute({0, 2, 1}).reshape({c.N, c.r, 1, g.kw}));
 }
 
 // Symmetric padding is passed to the first convolution, asymmetric padding pre-pads x.
 std::pair<at::Tensor, std::array<int64_t, 2>> pad_input(const at::Tensor& x,
                                                          const ConvGeometry& g) {
-  if (g.pt == g.pb && g.pl == g.pr) return {x, {g.pt, g.pl}};
-  return {at::constant_pad_nd(x, {g.pl, g.pr, g.pt, g.pb}, 0), {0, 0}};
+  if (g.pt == g.pb && g.pl == g.pr) return {nchw(x), {g.pt, g.pl}};
+  return {nchw(at::constant_pad_nd(x, {g.pl, g.pr, g.pt, g.pb}, 0)), {0, 0}};
 }
 
 at::Tensor conv(const at::Tensor& in, const at::Tensor& w, const std::optional<at::Tensor>& b,
@@ -72,9 +83,9 @@ std::tuple<at::Tensor, at::Tensor> lowrank_conv2d_native(
                      bias->scalar_type(), ", expected ", x.scalar_type());
   }
   auto [xp, pad] = pad_input(x, g);
-  auto t = conv(xp, kernel1(V, c, g), std::nullopt, {g.sh, 1}, pad, {g.dh, 1});
+  auto t = nchw(conv(xp, kernel1(V, c, g), std::nullopt, {g.sh, 1}, pad, {g.dh, 1}));
   // diag(s) scales the r input channels of the second convolution: fold it into K2.
-  auto K2s = kernel2(U, c, g) * s.view({1, c.r, 1, 1});
+  auto K2s = nchw(kernel2(U, c, g) * s.view({1, c.r, 1, 1}));
   auto a = conv(t, K2s, bias, {1, g.sw}, {0, 0}, {1, g.dw});
   switch (act) {
     case Act::Relu:
@@ -128,14 +139,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_conv_factor_grads
   // Everything in the accumulation dtype (t already is): the weight-gradients are sums over
   // the whole batch and every position.
   const auto acc = acc_type(x.scalar_type());
-  auto xa = x.to(acc), da = delta.to(acc), ta = t.to(acc);
+  auto xa = x.to(acc), da = nchw(delta.to(acc)), ta = nchw(t.to(acc));
   auto Ua = U.to(acc).contiguous(), Va = V.to(acc).contiguous();
   auto [xp, pad] = pad_input(xa, g);
   // Second convolution: w = its input-gradient (the conv form of δU), RU = its weight-gradient
   // with input t (δᵀt); first convolution: RV = its weight-gradient for output-gradient w (xᵀw).
-  auto [w, gK2, unused2] = at::convolution_backward(
+  auto [w_, gK2, unused2] = at::convolution_backward(
       da, ta, kernel2(Ua, c, g), std::nullopt, {1, g.sw}, {0, 0}, {1, g.dw}, false, {0, 0}, 1,
       {true, true, false});
+  auto w = nchw(w_);
   auto gK1 = std::get<1>(at::convolution_backward(w, xp, kernel1(Va, c, g), std::nullopt,
                                                   {g.sh, 1}, {pad[0], pad[1]}, {g.dh, 1}, false,
                                                   {0, 0}, 1, {false, true, false}));

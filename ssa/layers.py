@@ -153,6 +153,16 @@ class SSALayer(nn.Module):
         self.V.data = V.contiguous()
 
     @torch.no_grad()
+    def _load_dense(self, W: Tensor, bias: Tensor | None, training: bool) -> None:
+        """Factors = the leading ``rank`` triplets of the SVD of the 2-D weight ``W`` (in fp64)."""
+        U, s, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        r, dt = self.rank, W.dtype
+        self._set_factors(U[:, :r].to(dt), s[:r].to(dt), Vh[:r].t().to(dt))
+        if bias is not None:
+            self.bias.copy_(bias.detach())
+        self.train(training)
+
+    @torch.no_grad()
     def reorthonormalize(self, sort: bool = False, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Restore ``UᵀU = VᵀV = I`` exactly without changing ``W`` (DESIGN §7).
 
@@ -362,13 +372,7 @@ class SSALinear(SSALayer):
         W = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device=W.device,
                     dtype=W.dtype, rank=rank, seed=seed)
-        with torch.no_grad():
-            U, s, Vh = torch.linalg.svd(W.double(), full_matrices=False)
-            r = layer.rank
-            layer._set_factors(U[:, :r].to(W.dtype), s[:r].to(W.dtype), Vh[:r].t().to(W.dtype))
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias.detach())
-        layer.train(linear.training)
+        layer._load_dense(W, linear.bias, linear.training)
         return layer
 
     def to_dense(self) -> nn.Module:
@@ -530,13 +534,7 @@ class SSAConv2d(SSALayer):
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device=K.device,
                     dtype=K.dtype, rank=rank, seed=seed)
-        with torch.no_grad():
-            U, s, Vh = torch.linalg.svd(_kref.factors_from_kernel(K.double()), full_matrices=False)
-            r = layer.rank
-            layer._set_factors(U[:, :r].to(K.dtype), s[:r].to(K.dtype), Vh[:r].t().to(K.dtype))
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias.detach())
-        layer.train(conv.training)
+        layer._load_dense(_kref.factors_from_kernel(K), conv.bias, conv.training)
         return layer
 
     def to_dense(self) -> nn.Module:

@@ -62,6 +62,20 @@ def _can_pool(h: int, w: int) -> bool:
     return h >= 2 and w >= 2
 
 
+def _init_torchvision_style(model: nn.Module, linear_std: float | None = None) -> None:
+    """torchvision's init: convs kaiming_normal (fan_out, relu), BatchNorm 1/0, and, with
+    ``linear_std``, Linear N(0, linear_std²) with zero bias (else PyTorch's default)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)
+
+
 @torch.no_grad()
 def _flat_features(features: nn.Module, in_shape) -> int:
     """Features per sample after ``features``, measured with a zero tensor in eval mode.
@@ -163,15 +177,7 @@ def vgg13(num_classes: int, in_shape) -> nn.Sequential:
         cin = v
     flat = _flat_features(nn.Sequential(*layers), in_shape)
     model = _sequential(layers, [nn.Flatten(), nn.Linear(flat, num_classes)])
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.01)
-            nn.init.zeros_(m.bias)
+    _init_torchvision_style(model, linear_std=0.01)
     return model
 
 
@@ -229,12 +235,7 @@ class ResNet(nn.Module):
             setattr(self, f"layer{i}", nn.Sequential(*blocks))
             cin = cout
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes))
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        _init_torchvision_style(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.layer3(self.layer2(self.layer1(self.stem(x)))))

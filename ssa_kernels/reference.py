@@ -309,6 +309,25 @@ def conv_out_size(size: int, pad: int, kernel: int, stride: int, dilation: int) 
     return (size + pad - dilation * (kernel - 1) - 1) // stride + 1
 
 
+def nchw(t: Tensor) -> Tensor:
+    """``t`` with canonical NCHW strides (a copy only when its strides are not).
+
+    A tensor with size-1 dims (a 1×1 kernel, ``r = 1``) can be "contiguous" with strides that
+    also read as channels-last; ATen then takes oneDNN's NHWC path, whose strided 1×1
+    backward-weights kernel corrupts the heap in torch 2.14 on AVX-512 CPUs with several
+    threads (reproduced with torch alone). Every tensor handed to a convolution here, and in
+    ``csrc/conv.cpp``, goes through this first.
+    """
+    canonical = []
+    step = 1
+    for size in reversed(t.shape):
+        canonical.append(step)
+        step *= size
+    if t.is_contiguous() and tuple(reversed(canonical)) == t.stride():
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
 def conv_kernels(U: Tensor, V: Tensor, kernel_size) -> tuple[Tensor, Tensor]:
     """The two kernels of the spatial SVD (DESIGN §4), from ``V`` and ``U`` (no ``s``).
 
@@ -317,8 +336,8 @@ def conv_kernels(U: Tensor, V: Tensor, kernel_size) -> tuple[Tensor, Tensor]:
     kh, kw = kernel_size
     r = U.shape[1]
     N, C = U.shape[0] // kw, V.shape[0] // kh
-    K1 = V.t().reshape(r, C, kh, 1).contiguous()  # a strided weight view makes oneDNN copy the input
-    K2 = U.reshape(N, kw, r).permute(0, 2, 1).reshape(N, r, 1, kw).contiguous()
+    K1 = nchw(V.t().reshape(r, C, kh, 1))  # a strided weight view makes oneDNN pick channels-last
+    K2 = nchw(U.reshape(N, kw, r).permute(0, 2, 1).reshape(N, r, 1, kw))
     return K1, K2
 
 
@@ -340,8 +359,8 @@ def _pad_input(x: Tensor, padding) -> tuple[Tensor, tuple[int, int]]:
     """Symmetric padding goes to the first convolution; asymmetric padding pre-pads ``x``."""
     pt, pb, pl, pr = padding
     if pt == pb and pl == pr:
-        return x, (pt, pl)
-    return torch.nn.functional.pad(x, (pl, pr, pt, pb)), (0, 0)
+        return nchw(x), (pt, pl)
+    return nchw(torch.nn.functional.pad(x, (pl, pr, pt, pb))), (0, 0)
 
 
 def lowrank_conv2d(
@@ -374,6 +393,7 @@ def lowrank_conv2d(
 
 
 def _conv_backward(grad, inp, weight, stride, padding, dilation, mask, bias_sizes=None):
+    grad, inp, weight = nchw(grad), nchw(inp), nchw(weight)
     return torch.ops.aten.convolution_backward(grad, inp, weight, bias_sizes, list(stride), list(padding),
                                                list(dilation), False, [0, 0], 1, list(mask))
 
@@ -418,7 +438,7 @@ def lowrank_conv2d_backward(
     if grad_t is not None:
         gt = gt + grad_t.to(dt)
     gxp, gK1, _ = _conv_backward(gt, xp, K1, (stride[0], 1), pad, (dilation[0], 1), (True, True, False))
-    if xp is not x:
+    if padding[0] != padding[1] or padding[2] != padding[3]:  # x was pre-padded: cut the pad off
         pt, _, pl, _ = padding
         gxp = gxp[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]]
     gU = gK2.reshape(N, r, kw).permute(0, 2, 1).reshape(N * kw, r)

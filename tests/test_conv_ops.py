@@ -476,3 +476,38 @@ def test_native_kernels_check_direct_calls():
             "stiefel",
             1e-6,
         )
+
+
+_STRIDED_1X1 = """
+import torch, ssa_kernels
+g = torch.Generator().manual_seed(0)
+x = torch.randn(3, 3, 9, 8, generator=g)
+U = torch.linalg.qr(torch.randn(5, 3, generator=g))[0]
+V = torch.linalg.qr(torch.randn(3, 3, generator=g))[0]
+s = torch.rand(3, generator=g) + 0.5
+for backend in ssa_kernels.available_backends("cpu", "svd_conv_factor_grads"):
+    Ug = U.clone().requires_grad_(True)
+    h, t = ssa_kernels.lowrank_conv2d(x, Ug, s, V, kernel_size=1, stride=2, backend=backend)
+    h.sum().backward()  # the autograd formula's weight-gradients too
+    ssa_kernels.svd_conv_factor_grads(x, t, torch.randn(h.shape, generator=g), U, s, V, 1, 2, backend=backend)
+print("done")
+"""
+
+
+def test_strided_1x1_convolutions_avoid_the_onednn_nhwc_weight_gradient():
+    """Regression: 1×1 kernels made as views (N×r×1×1 with strides that also read as channels-last)
+    sent ATen to oneDNN's NHWC strided 1×1 backward-weights kernel, which corrupts the heap in
+    torch 2.14 with several threads (the test suite segfaulted at exit). Every kernel and input is
+    now given canonical NCHW strides first."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="2", ONEDNN_VERBOSE="1")
+    run = subprocess.run([sys.executable, "-c", _STRIDED_1X1], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and "done" in run.stdout, run.stderr[-2000:]
+    weights = [line for line in run.stdout.splitlines() if "backward_weights" in line]
+    if torch.backends.mkldnn.is_available():
+        assert weights, "oneDNN ran no backward-weights primitive: the check below checked nothing"
+    assert not [line for line in weights if "acdb" in line], weights

@@ -45,6 +45,22 @@ struct FactorEpilogue {
   int64_t M, R;
 };
 
+// The epilogue's pointers for an M×R output `out` (Y: M×R, C: R×R, B: M×k or undefined).
+template <typename scalar_t, typename acc_t>
+FactorEpilogue<scalar_t, acc_t> make_epilogue(const at::Tensor& colscale, const at::Tensor& Y,
+                                              const at::Tensor& C, const at::Tensor& B,
+                                              const FactorCores& cores, at::Tensor& out) {
+  return {colscale.data_ptr<acc_t>(),
+          Y.data_ptr<acc_t>(),
+          C.data_ptr<acc_t>(),
+          B.defined() ? B.data_ptr<acc_t>() : nullptr,
+          cores.k,
+          static_cast<acc_t>(cores.beta),
+          out.data_ptr<scalar_t>(),
+          out.size(0),
+          out.size(1)};
+}
+
 // Applies the epilogue to the block tile (row0, col0) held in acc. Every thread of the
 // block must call it (it stages Y and C through As/Bs with barriers).
 template <typename scalar_t, typename acc_t>
@@ -170,15 +186,7 @@ at::Tensor factor_product(const at::Tensor& A, const at::Tensor& B, const at::Te
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, A.scalar_type(), "svd_factor_grads_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    FactorEpilogue<scalar_t, acc_t> ep{colscale.data_ptr<acc_t>(),
-                                       Y.data_ptr<acc_t>(),
-                                       Cc.data_ptr<acc_t>(),
-                                       Bc.defined() ? Bc.data_ptr<acc_t>() : nullptr,
-                                       cores.k,
-                                       static_cast<acc_t>(cores.beta),
-                                       out.data_ptr<scalar_t>(),
-                                       M,
-                                       R};
+    const auto ep = make_epilogue<scalar_t, acc_t>(colscale, Y, Cc, Bc, cores, out);
     const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles),
                     static_cast<unsigned>(splits));
     SSA_LAUNCH(grid, kThreads, stream, factor_product_kernel<scalar_t, acc_t>)(
@@ -215,15 +223,7 @@ at::Tensor factor_epilogue_cuda(const at::Tensor& acc, const at::Tensor& Y, cons
     using acc_t = at::opmath_type<scalar_t>;
     TORCH_CHECK(ws.scalar_type() == c10::CppTypeToScalarType<acc_t>::value,
                 "factor_epilogue_cuda: acc must be in the accumulation dtype");
-    FactorEpilogue<scalar_t, acc_t> ep{colscale.data_ptr<acc_t>(),
-                                       Yc.data_ptr<acc_t>(),
-                                       Cc.data_ptr<acc_t>(),
-                                       Bc.defined() ? Bc.data_ptr<acc_t>() : nullptr,
-                                       cores.k,
-                                       static_cast<acc_t>(cores.beta),
-                                       out.data_ptr<scalar_t>(),
-                                       M,
-                                       R};
+    const auto ep = make_epilogue<scalar_t, acc_t>(colscale, Yc, Cc, Bc, cores, out);
     const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(col_tiles));
     SSA_LAUNCH(grid, kThreads, stream, factor_finish_kernel<scalar_t, acc_t>)(
         ws.data_ptr<acc_t>(), ep);
