@@ -49,9 +49,23 @@ def test_resume_runs_only_the_missing_epochs(tmp_path, capsys):
 
 @pytest.mark.parametrize("argv", [["train", "--method", "sgd"], ["train", "--model", "resnet999"],
                                   ["train", "--dataset", "imagenet42"], ["train", "--epochs", "0"],
-                                  ["train", "--method", "ssa,ssa"], ["fly"]])
+                                  ["train", "--method", "ssa,ssa"], ["fly"],
+                                  ["train", "--lr-milestones", "0"], ["train", "--lr-milestones", "ten"],
+                                  ["train", "--lr-gamma", "-1"]])
 def test_bad_arguments_exit_with_code_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         ssa.cli.main(argv)
     assert info.value.code == 2
     assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model", ["lenet", "resnet20"])
+def test_convnets_are_selectable(tmp_path, capsys, model):
+    out = tmp_path / model
+    assert ssa.cli.main(["train", "--model", model, "--method", "ssa", "--epochs", "1", "--batch-size", "128",
+                         "--lr-milestones", "1", "--quiet", "--no-plots", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())[0]
+    assert result["method"] == "ssa" and 0 <= result["test_acc"] <= 1
+    assert len(result["ranks"]) == {"lenet": 5, "resnet20": 22}[model]  # every conv and linear layer is SSA
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["model"] == model and config["lr_milestones"] == [1]
