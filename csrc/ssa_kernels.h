@@ -185,6 +185,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_factor_grads_cpu(
     double align, double ortho, double hoyer, double hoyer_eps, c10::string_view scaling,
     c10::string_view projection, double eps);
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_conv_factor_grads_cpu(
+    const at::Tensor& x, const at::Tensor& t, const at::Tensor& delta, const at::Tensor& U,
+    const at::Tensor& s, const at::Tensor& V, at::IntArrayRef kernel_size,
+    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+    const std::optional<at::Tensor>& BU, const std::optional<at::Tensor>& BS,
+    const std::optional<at::Tensor>& BV, double ce, double align, double ortho, double hoyer,
+    double hoyer_eps, c10::string_view scaling, c10::string_view projection, double eps);
+
 #ifdef SSA_WITH_CUDA
 // ----------------------------------------------------------------- CUDA kernels
 // Same signatures and semantics as the CPU kernels (csrc/cuda/*.cu).

@@ -4,6 +4,7 @@
 
 #include <cstdio>
 #include <string>
+#include <vector>
 
 #include "ssa_kernels.h"
 
@@ -83,6 +84,35 @@ void test_svd_factor_grads() {
   expect_close("svd_factor_grads stiefel: U^T gU + gU^T U = 0", skew, at::zeros_like(skew));
 }
 
+// DESIGN §4: K'[(n,w),(c,h)] = K[n,c,h,w] = U diag(s) V^T, forward = two convolutions.
+void test_conv() {
+  const int64_t p = 3, C = 2, N = 4, H = 7, W = 6, kh = 3, kw = 2;
+  const int64_t m = N * kw, n = C * kh, r = std::min(m, n);
+  auto x = at::randn({p, C, H, W}, at::kDouble);
+  auto U = orthonormal(m, r), V = orthonormal(n, r);
+  auto s = at::rand({r}, at::kDouble) + 0.5;
+  auto b = at::randn({N}, at::kDouble);
+  // the dense kernel of the factors
+  auto K = at::mm(U * s, V.t()).view({N, kw, C, kh}).permute({0, 2, 3, 1}).contiguous();
+  const std::vector<int64_t> ks{kh, kw}, st{2, 1}, pad{1, 0, 1, 1}, dil{1, 2};  // asymmetric
+  auto [h, t] = ssa::lowrank_conv2d_native(x, U, s, V, b, ks, st, pad, dil, "none", 0.0);
+  auto xp = at::constant_pad_nd(x, {1, 1, 1, 0}, 0);
+  auto want = at::convolution(xp, K, b, {2, 1}, {0, 0}, {1, 2}, false, {0, 0}, 1);
+  expect_close("lowrank_conv2d: two convolutions = conv2d(x, K)", h, want);
+  // euclidean + none: chain rule through K' from the dense weight-gradient G'
+  auto delta = at::randn(h.sizes(), at::kDouble);
+  auto G = std::get<1>(at::convolution_backward(delta, xp, K, std::nullopt, {2, 1}, {0, 0}, {1, 2},
+                                                false, {0, 0}, 1, {false, true, false}));
+  auto Gp = G.permute({0, 3, 1, 2}).reshape({m, n});
+  auto [gU, gs, gV, gb] = ssa::svd_conv_factor_grads_cpu(
+      x, t, delta, U, s, V, ks, st, pad, dil, std::nullopt, std::nullopt, std::nullopt, 1.0, 0.0,
+      0.0, 0.0, 1e-3, "euclidean", "none", 1e-6);
+  expect_close("svd_conv_factor_grads: gU = G' V diag(s)", gU, at::mm(Gp, V) * s);
+  expect_close("svd_conv_factor_grads: gV = G'^T U diag(s)", gV, at::mm(Gp.t(), U) * s);
+  expect_close("svd_conv_factor_grads: gs = diag(U^T G' V)", gs, at::mm(U.t(), at::mm(Gp, V)).diagonal());
+  expect_close("svd_conv_factor_grads: gb = sum(delta)", gb, delta.sum({0, 2, 3}));
+}
+
 }  // namespace
 
 int main() {
@@ -90,6 +120,7 @@ int main() {
   test_lowrank_linear();
   test_dfa_project();
   test_svd_factor_grads();
+  test_conv();
   if (failures) std::printf("%d check(s) FAILED\n", failures);
   return failures == 0 ? 0 : 1;
 }
