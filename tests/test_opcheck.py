@@ -132,3 +132,28 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     for got, want in zip(compiled(*args), step(*args)):
         torch.testing.assert_close(got, want)
+
+
+def test_torch_compile_fullgraph_conv_layer_update():
+    """The conv path (DESIGN §4): forward, channel-shared DFA projection, factor gradients, one graph."""
+    backend = "cpu" if "cpu" in ssa_kernels.available_backends("cpu") else "reference"
+    g = gen(2)
+    x = torch.randn(2, 3, 6, 5, generator=g)
+    U = torch.linalg.qr(torch.randn(8 * 3, 4, generator=g))[0]
+    V = torch.linalg.qr(torch.randn(3 * 3, 4, generator=g))[0]
+    s, b = torch.rand(4, generator=g) + 0.5, torch.randn(8, generator=g)
+    e = torch.randn(2, 5, generator=g)
+    P, sigma, Q = torch.randn(8, 5, generator=g), torch.rand(5, generator=g), torch.randn(5, 5, generator=g)
+
+    def step(x, U, s, V, b, e, P, sigma, Q):
+        h, t = ssa_kernels.lowrank_conv2d(x, U, s, V, b, kernel_size=3, padding="same", activation="relu",
+                                          backend=backend)
+        delta = ssa_kernels.dfa_project(e, P, sigma, Q, h, "relu", backend=backend)
+        return ssa_kernels.svd_conv_factor_grads(x, t, delta, U, s, V, 3, 1, "same", ortho=0.5,
+                                                 backend=backend)
+
+    args = (x, U, s, V, b, e, P, sigma, Q)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(*args), step(*args)):
+        torch.testing.assert_close(got, want)
