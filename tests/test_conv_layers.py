@@ -386,3 +386,29 @@ def test_lenet_on_digits_ssa_and_bp(digits):
             assert max(tr.ortho_errors().values()) < 0.1
     assert acc["ssa"] >= 0.90, acc
     assert acc["bp"] >= 0.95, acc
+
+
+def test_resnet_recompute_equals_store():
+    """Local residual blocks with BatchNorm inside: recompute's second forward sees the same statistics."""
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        (torch.randn(4, 3, 8, 8, generator=g), torch.randint(0, 10, (4,), generator=g)) for _ in range(2)
+    ]
+    results = []
+    for memory in ("store", "recompute"):
+        torch.manual_seed(0)
+        model = ssa.models.get("resnet20", 10, (3, 8, 8))
+        tr = ssa.Trainer(model, 10, memory=memory)
+        for x, y in batches:
+            tr.step(x, y)
+        results.append(
+            {
+                k: v.detach().clone()
+                for k, v in model.state_dict().items()
+                if torch.is_tensor(v) and v.is_floating_point()
+            }
+        )
+    for k in results[0]:
+        torch.testing.assert_close(
+            results[0][k], results[1][k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
+        )
