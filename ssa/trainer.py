@@ -44,7 +44,9 @@ from .schedule import RankSchedule
 
 __all__ = ["Trainer", "METHODS"]
 
-METHODS = ("ssa", "bp")
+METHODS = ("ssa", "bp", "dfa")
+#: Methods trained by the local, autograd-free step (the others by autograd).
+LOCAL_METHODS = ("ssa", "dfa")
 MEMORY_MODES = ("store", "recompute")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -180,7 +182,16 @@ class Trainer:
             ``nn.Sequential`` is ``(BatchNorm2d) → activation (→ Dropout)``, a pooling layer
             after it is outside the layer's update (the signal enters before it).
         num_classes: classes ``C`` of the output (the model's last dimension).
-        method: ``"ssa"`` (DESIGN §5-§8) or ``"bp"`` (dense, autograd).
+        method: ``"ssa"`` (DESIGN §5-§8), ``"bp"`` (dense, autograd), or ``"dfa"``: Direct
+            Feedback Alignment (Nøkland, "Direct Feedback Alignment Provides Learning in Deep
+            Neural Networks", NeurIPS 2016) on the same model kept dense. As the paper: a fixed
+            random feedback matrix per hidden layer carries the output error ``e`` to the
+            layer's output, ``δa = (e Bᵀ) ⊙ f'(a)``, and the output layer gets ``e`` itself.
+            Differs from it in: ``B`` is Gaussian with unit-norm columns (``‖B‖_F² = C``, the
+            scale DESIGN §5 gives SSA), seeded per layer name; a convolution's signal is per
+            output channel and shared by every position (DESIGN §5; the paper's convnets
+            project onto the whole map); norms, local modules and the optimizer are handled as
+            for ``ssa``. No penalties, no rank schedule.
         loss: :class:`LossConfig` (coefficients and gradient form).
         optimizer: ``"adam"`` (``fused=True`` where torch supports it), ``"adamw"``, ``"sgd"``
             (momentum 0.9), or a callable ``params -> torch.optim.Optimizer``.
@@ -195,7 +206,8 @@ class Trainer:
             local modules too.
         freeze_norms: leave the affine parameters of norms after SSA layers untrained.
         rank: initial rank of converted layers (``None``: full).
-        skip: names or types of ``nn.Linear`` layers to leave dense (trained by plain DFA).
+        skip: names or types of ``nn.Linear`` / ``nn.Conv2d`` layers to leave dense (trained by
+            plain DFA).
         backend: ``ssa_kernels`` backend for every op.
         device: move the model there first.
         lr_milestones, lr_gamma: step decay of the learning rate, ``× lr_gamma`` after each
@@ -205,7 +217,7 @@ class Trainer:
             stepped once per epoch. Either is saved in checkpoints.
 
     Other trainable parameters outside SSA layers, dense layers, norms after a layer and
-    local modules make ``method="ssa"`` raise (freeze them with ``requires_grad_(False)`` or
+    local modules make ``method="ssa"`` (and ``"dfa"``) raise (freeze them with ``requires_grad_(False)`` or
     declare their module local).
     """
 
@@ -256,6 +268,9 @@ class Trainer:
                 if isinstance(layer, SSALayer):
                     layer.backend = backend
             self._prepare_ssa(local_modules)
+        elif method == "dfa":  # every layer dense, trained by plain DFA (Nøkland 2016)
+            to_dense(model)
+            self._prepare_ssa(local_modules)
         else:
             to_dense(model)
         self.optimizer = self._make_optimizer(optimizer)
@@ -296,16 +311,16 @@ class Trainer:
                     if isinstance(t, NORMS) and not self.freeze_norms:
                         handled.update(id(p) for p in t.parameters())
         if not self.units:
-            raise ValueError("Trainer: method='ssa' found no layer it can train (no nn.Linear / nn.Conv2d / "
-                             "SSA layer and no local module)")
-        if not any(u.kind in ("ssa", "local") for u in self.units):  # every SSA layer is in one
+            raise ValueError(f"Trainer: method={self.method!r} found no layer it can train (no nn.Linear / "
+                             "nn.Conv2d / SSA layer and no local module)")
+        if self.method == "ssa" and not any(u.kind in ("ssa", "local") for u in self.units):
             raise ValueError("Trainer: method='ssa' found no SSA layer to train")
         frozen_norms = {id(p) for u in self.units for t in u.tail if isinstance(t, NORMS)
                         for p in t.parameters()} if self.freeze_norms else set()
         orphans = [n for n, p in model.named_parameters()
                    if p.requires_grad and id(p) not in handled and id(p) not in frozen_norms]
         if orphans:
-            raise ValueError(f"Trainer: method='ssa' cannot train parameters {orphans[:5]}"
+            raise ValueError(f"Trainer: method={self.method!r} cannot train parameters {orphans[:5]}"
                              f"{' …' if len(orphans) > 5 else ''}: only SSA layers, dense "
                              "nn.Linear/nn.Conv2d, "
                              "norms right after a layer and local modules are trained; declare their module "
@@ -386,7 +401,7 @@ class Trainer:
 
     def _trainable(self) -> list[nn.Parameter]:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.method == "ssa":
+        if self.method in LOCAL_METHODS:
             params = [p for p in params if id(p) in self._handled]
         return params
 
@@ -483,8 +498,8 @@ class Trainer:
             trainer.local_backward(z, y)      # fills .grad of every trained parameter
             optimizer.step(); optimizer.zero_grad()
         """
-        if self.method != "ssa":
-            raise RuntimeError("Trainer.record: only method='ssa' records; for 'bp' use autograd")
+        if self.method not in LOCAL_METHODS:
+            raise RuntimeError(f"Trainer.record: only methods {LOCAL_METHODS} record; for 'bp' use autograd")
         self._clear()
         return _tape.activate(_Tape(self, "store"))
 

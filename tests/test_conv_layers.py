@@ -412,3 +412,15 @@ def test_resnet_recompute_equals_store():
         torch.testing.assert_close(
             results[0][k], results[1][k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
         )
+
+
+def test_dfa_method_trains_a_dense_convnet_with_local_blocks():
+    model = ssa.models.get("resnet20", 10, (3, 8, 8))
+    tr = ssa.Trainer(model, 10, method="dfa")
+    assert not any(isinstance(m, ssa.SSALayer) for m in model.modules())
+    kinds = {u.name: u.kind for u in tr.units}
+    assert sum(k == "local" for k in kinds.values()) == 9 and kinds["stem.0"] == kinds["head.2"] == "dense"
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    tr.step(torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g))
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
