@@ -113,11 +113,15 @@ def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -
 
 
 def to_dense(model: nn.Module) -> nn.Module:
-    """Replace every SSA layer of ``model`` by its dense equivalent, in place; returns ``model``."""
-    if isinstance(model, SSALayer):
+    """Replace every SSA layer (and feedback layer of :mod:`ssa.baselines`) of ``model`` by its
+    dense equivalent, in place; returns ``model``."""
+    from .baselines import FeedbackConv2d, FeedbackLinear
+
+    special = (SSALayer, FeedbackLinear, FeedbackConv2d)
+    if isinstance(model, special):
         raise TypeError(f"to_dense: model is itself an {type(model).__name__}; use model.to_dense()")
     for _, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, SSALayer):
+            if isinstance(child, special):
                 setattr(parent, child_name, child.to_dense())
     return model

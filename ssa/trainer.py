@@ -37,6 +37,7 @@ import ssa_kernels
 from ssa_kernels.reference import activation_grad, feedback_signal
 
 from . import _tape
+from .baselines import FEEDBACK_MODES, swap_feedback
 from .convert import convert, to_dense
 from .layers import SSALayer
 from .loss import LossConfig
@@ -44,7 +45,7 @@ from .schedule import RankSchedule
 
 __all__ = ["Trainer", "METHODS"]
 
-METHODS = ("ssa", "bp", "dfa")
+METHODS = ("ssa", "bp", "dfa", "fa", "usf", "brsf")
 #: Methods trained by the local, autograd-free step (the others by autograd).
 LOCAL_METHODS = ("ssa", "dfa")
 MEMORY_MODES = ("store", "recompute")
@@ -191,7 +192,10 @@ class Trainer:
             scale DESIGN §5 gives SSA), seeded per layer name; a convolution's signal is per
             output channel and shared by every position (DESIGN §5; the paper's convnets
             project onto the whole map); norms, local modules and the optimizer are handled as
-            for ``ssa``. No penalties, no rank schedule.
+            for ``ssa``. No penalties, no rank schedule. ``"fa"``, ``"usf"``, ``"brsf"``:
+            layer-to-layer feedback (Lillicrap et al. 2016; Liao et al. 2016), every
+            ``nn.Linear`` / ``nn.Conv2d`` swapped for a layer whose backward sends the error
+            down through ``B`` instead of ``W``, trained by autograd (:mod:`ssa.baselines`).
         loss: :class:`LossConfig` (coefficients and gradient form).
         optimizer: ``"adam"`` (``fused=True`` where torch supports it), ``"adamw"``, ``"sgd"``
             (momentum 0.9), or a callable ``params -> torch.optim.Optimizer``.
@@ -273,6 +277,8 @@ class Trainer:
             self._prepare_ssa(local_modules)
         else:
             to_dense(model)
+            if method in FEEDBACK_MODES:  # layer-to-layer feedback, trained by autograd
+                swap_feedback(model, method, seed)
         self.optimizer = self._make_optimizer(optimizer)
         self.lr_scheduler = self._make_scheduler(lr_milestones, lr_gamma, lr_scheduler)
 
@@ -689,7 +695,7 @@ class Trainer:
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.method == "bp":
+        if self.method not in LOCAL_METHODS:  # bp and the layer-to-layer feedback methods
             z = self.model(x)
             self._check_output(z)
             loss = F.cross_entropy(z.float(), y)
