@@ -64,6 +64,15 @@ class _Feedback:
         R = torch.randn(self.weight.shape, generator=self._gen, dtype=torch.float32)
         self._magnitude = R.abs().to(device=self.weight.device, dtype=self.weight.dtype)
 
+    @torch.no_grad()
+    def _copy_from(self, dense: nn.Module):
+        """Take ``dense``'s weight, bias and train/eval mode; returns ``self``."""
+        self.weight.copy_(dense.weight)
+        if dense.bias is not None:
+            self.bias.copy_(dense.bias)
+        self.train(dense.training)
+        return self
+
     def _before_forward(self) -> None:
         if self.mode == "brsf" and self.training and torch.is_grad_enabled():
             self._redraw()  # R resampled for every batch
@@ -99,12 +108,7 @@ class FeedbackLinear(nn.Linear, _Feedback):
         W = linear.weight
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, W.device, W.dtype,
                     mode=mode, seed=seed)
-        with torch.no_grad():
-            layer.weight.copy_(W)
-            if linear.bias is not None:
-                layer.bias.copy_(linear.bias)
-        layer.train(linear.training)
-        return layer
+        return layer._copy_from(linear)
 
     def forward(self, x: Tensor) -> Tensor:
         self._before_forward()
@@ -159,12 +163,7 @@ class FeedbackConv2d(nn.Conv2d, _Feedback):
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, W.device, W.dtype,
                     mode=mode, seed=seed)
-        with torch.no_grad():
-            layer.weight.copy_(W)
-            if conv.bias is not None:
-                layer.bias.copy_(conv.bias)
-        layer.train(conv.training)
-        return layer
+        return layer._copy_from(conv)
 
     def forward(self, x: Tensor) -> Tensor:
         self._before_forward()
