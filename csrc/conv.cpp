@@ -76,12 +76,7 @@ std::tuple<at::Tensor, at::Tensor> lowrank_conv2d_native(
   const auto g = parse_conv_geometry(op, kernel_size, stride, padding, dilation);
   const auto c = conv_shapes(op, x, U, s, V, g);
   const auto act = parse_activation(activation);
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == c.N, op, ": bias ", bias->sizes(),
-                      " must have N = ", c.N, " entries");
-    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), op, ": bias has dtype ",
-                     bias->scalar_type(), ", expected ", x.scalar_type());
-  }
+  check_bias(op, bias, x, c.N, "N");
   auto [xp, pad] = pad_input(x, g);
   auto t = nchw(conv(xp, kernel1(V, c, g), std::nullopt, {g.sh, 1}, pad, {g.dh, 1}));
   // diag(s) scales the r input channels of the second convolution: fold it into K2.
@@ -117,22 +112,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> svd_conv_factor_grads
   const char* op = "ssa_kernels.svd_conv_factor_grads";
   const auto g = parse_conv_geometry(op, kernel_size, stride, padding, dilation);
   const auto c = conv_shapes(op, x, U, s, V, g);
+  check_batch_inputs(op, x, t, delta);
   const auto p = x.size(0);
-  TORCH_CHECK_VALUE(t.dim() == 4 && t.size(0) == p && t.size(1) == c.r && t.size(2) == c.Ho &&
+  TORCH_CHECK_VALUE(t.size(0) == p && t.size(1) == c.r && t.size(2) == c.Ho &&
                         t.size(3) == c.Wt,
                     op, ": t ", t.sizes(), " must be (", p, ", ", c.r, ", ", c.Ho, ", ", c.Wt, ")");
-  TORCH_CHECK_VALUE(delta.dim() == 4 && delta.size(0) == p && delta.size(1) == c.N &&
+  TORCH_CHECK_VALUE(delta.size(0) == p && delta.size(1) == c.N &&
                         delta.size(2) == c.Ho && delta.size(3) == c.Wo,
                     op, ": delta ", delta.sizes(), " must be (", p, ", ", c.N, ", ", c.Ho, ", ",
                     c.Wo, ")");
-  TORCH_CHECK_VALUE(delta.device() == x.device() && t.device() == x.device(), op,
-                    ": x, t and delta must be on one device");
-  TORCH_CHECK_TYPE(delta.scalar_type() == x.scalar_type(), op, ": delta has dtype ",
-                   delta.scalar_type(), ", expected ", x.scalar_type());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type() ||
-                       t.scalar_type() == acc_type(x.scalar_type()),
-                   op, ": t has dtype ", t.scalar_type(), ", expected ", x.scalar_type(), " or ",
-                   acc_type(x.scalar_type()));
   check_targets(op, U, V, BU, BS, BV, align);
   const auto proj = parse_projection(projection);
   const auto scale = parse_scaling(scaling);

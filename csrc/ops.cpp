@@ -72,12 +72,16 @@ void check_lowrank_linear(const at::Tensor& x, const at::Tensor& U, const at::Te
   check_factors(op, U, s, V, x);
   TORCH_CHECK_VALUE(V.size(0) == x.size(1), op, ": V ", V.sizes(), " must have n = ", x.size(1),
                     " rows (the features of x)");
-  if (bias.has_value()) {
-    check_float(op, "bias", *bias, 1);
-    check_like(op, "bias", *bias, x);
-    TORCH_CHECK_VALUE(bias->size(0) == U.size(0), op, ": bias ", bias->sizes(),
-                      " must have m = ", U.size(0), " entries");
-  }
+  check_bias(op, bias, x, U.size(0), "m");
+}
+
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x,
+                int64_t size, const char* what) {
+  if (!bias.has_value()) return;
+  check_float(op, "bias", *bias, 1);
+  check_like(op, "bias", *bias, x);
+  TORCH_CHECK_VALUE(bias->size(0) == size, op, ": bias ", bias->sizes(), " must have ", what,
+                    " = ", size, " entries");
 }
 
 void check_dfa_project(const at::Tensor& e, const at::Tensor& P, const at::Tensor& sigma,
@@ -108,6 +112,18 @@ void check_dfa_project(const at::Tensor& e, const at::Tensor& P, const at::Tenso
   }
 }
 
+void check_batch_inputs(const char* op, const at::Tensor& x, const at::Tensor& t,
+                        const at::Tensor& delta) {
+  check_float(op, "t", t, x.dim());
+  check_float(op, "delta", delta, x.dim());
+  check_like(op, "delta", delta, x);
+  check_like(op, "t", t, x, /*dtype=*/false);
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type() ||
+                       t.scalar_type() == acc_type(x.scalar_type()),
+                   op, ": t has dtype ", t.scalar_type(), ", expected ", x.scalar_type(), " or ",
+                   acc_type(x.scalar_type()));
+}
+
 void check_svd_factor_grads(const at::Tensor& x, const at::Tensor& t, const at::Tensor& delta,
                             const at::Tensor& U, const at::Tensor& s, const at::Tensor& V,
                             const std::optional<at::Tensor>& BU,
@@ -115,15 +131,8 @@ void check_svd_factor_grads(const at::Tensor& x, const at::Tensor& t, const at::
                             const std::optional<at::Tensor>& BV, double align) {
   const char* op = "ssa_kernels.svd_factor_grads";
   check_float(op, "x", x, 2);
-  check_float(op, "t", t, 2);
-  check_float(op, "delta", delta, 2);
   check_factors(op, U, s, V, x);
-  check_like(op, "delta", delta, x);
-  check_like(op, "t", t, x, /*dtype=*/false);
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type() ||
-                       t.scalar_type() == acc_type(x.scalar_type()),
-                   op, ": t has dtype ", t.scalar_type(), ", expected ", x.scalar_type(), " or ",
-                   acc_type(x.scalar_type()));
+  check_batch_inputs(op, x, t, delta);
   const auto p = x.size(0), r = U.size(1);
   TORCH_CHECK_VALUE(V.size(0) == x.size(1), op, ": V ", V.sizes(), " must have n = ", x.size(1),
                     " rows");

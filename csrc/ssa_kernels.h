@@ -157,6 +157,13 @@ void check_lowrank_linear(const at::Tensor& x, const at::Tensor& U, const at::Te
 void check_dfa_project(const at::Tensor& e, const at::Tensor& P, const at::Tensor& sigma,
                        const at::Tensor& Q, const at::Tensor& h,
                        const std::optional<at::Tensor>& a, double cos);
+// An optional bias beside x: 1-D, x's dtype and device, `size` entries (`what` names them).
+void check_bias(const char* op, const std::optional<at::Tensor>& bias, const at::Tensor& x,
+                int64_t size, const char* what);
+// t and delta beside x (p×n or p×C×H×W): same rank and device, delta in x's dtype, t in x's
+// or the accumulation dtype.
+void check_batch_inputs(const char* op, const at::Tensor& x, const at::Tensor& t,
+                        const at::Tensor& delta);
 void check_targets(const char* op, const at::Tensor& U, const at::Tensor& V,
                    const std::optional<at::Tensor>& BU, const std::optional<at::Tensor>& BS,
                    const std::optional<at::Tensor>& BV, double align);

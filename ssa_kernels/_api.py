@@ -7,7 +7,6 @@ from torch import Tensor
 
 from . import _backends, _checks
 from . import reference as _ref
-from .reference import PROJECTIONS, SCALINGS
 
 
 def lowrank_linear(
@@ -120,14 +119,8 @@ def svd_factor_grads(
     ``x V``. Autograd-free: the result is the update itself.
     """
     fn = "ssa_kernels.svd_factor_grads"
-    scaling = _checks.choice(fn, "scaling", scaling, SCALINGS)
-    projection = _checks.choice(fn, "projection", projection, PROJECTIONS)
-    ce = _checks.number(fn, "ce", ce)
-    align = _checks.number(fn, "align", align)
-    ortho = _checks.number(fn, "ortho", ortho)
-    hoyer = _checks.number(fn, "hoyer", hoyer)
-    hoyer_eps = _checks.number(fn, "hoyer_eps", hoyer_eps, positive=True)
-    eps = _checks.number(fn, "eps", eps, positive=True)
+    ce, align, ortho, hoyer, hoyer_eps, scaling, projection, eps = _checks.factor_options(
+        fn, ce, align, ortho, hoyer, hoyer_eps, scaling, projection, eps)
     _checks.svd_factor_grads(x, t, delta, U, s, V, BU, BS, BV, align)
     if align == 0.0:
         BU = BS = BV = None
@@ -212,14 +205,8 @@ def svd_conv_factor_grads(
     :func:`svd_factor_grads`, with the same options. Autograd-free.
     """
     fn = "ssa_kernels.svd_conv_factor_grads"
-    scaling = _checks.choice(fn, "scaling", scaling, SCALINGS)
-    projection = _checks.choice(fn, "projection", projection, PROJECTIONS)
-    ce = _checks.number(fn, "ce", ce)
-    align = _checks.number(fn, "align", align)
-    ortho = _checks.number(fn, "ortho", ortho)
-    hoyer = _checks.number(fn, "hoyer", hoyer)
-    hoyer_eps = _checks.number(fn, "hoyer_eps", hoyer_eps, positive=True)
-    eps = _checks.number(fn, "eps", eps, positive=True)
+    ce, align, ortho, hoyer, hoyer_eps, scaling, projection, eps = _checks.factor_options(
+        fn, ce, align, ortho, hoyer, hoyer_eps, scaling, projection, eps)
     geometry = _checks.conv_geometry(fn, kernel_size, stride, padding, dilation)
     _checks.svd_conv_factor_grads(x, t, delta, U, s, V, geometry, BU, BS, BV, align)
     if align == 0.0:

@@ -13,7 +13,7 @@ import os
 import torch
 from torch import Tensor
 
-from .reference import ACTIVATIONS, acc_dtype
+from .reference import ACTIVATIONS, PROJECTIONS, SCALINGS, acc_dtype
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _debug = {"on": None}
@@ -91,6 +91,15 @@ def choice(fn: str, name: str, value, options) -> str:
     return value
 
 
+def factor_options(fn: str, ce, align, ortho, hoyer, hoyer_eps, scaling, projection, eps):
+    """The loss options of the factor-gradient ops (DESIGN §6), checked; returned in argument order."""
+    scaling = choice(fn, "scaling", scaling, SCALINGS)
+    projection = choice(fn, "projection", projection, PROJECTIONS)
+    return (number(fn, "ce", ce), number(fn, "align", align), number(fn, "ortho", ortho),
+            number(fn, "hoyer", hoyer), number(fn, "hoyer_eps", hoyer_eps, positive=True), scaling,
+            projection, number(fn, "eps", eps, positive=True))
+
+
 def finite(fn: str, **tensors) -> None:
     if not debug_enabled():
         return
@@ -123,14 +132,19 @@ def factors(fn: str, U, s, V, n: int | None = None, anchor: tuple[str, Tensor] |
     return m, r, nn
 
 
+def bias_of(fn: str, bias, x, expected: int, what: str) -> None:
+    """An optional bias beside ``x``: 1-D, ``x``'s dtype and device, ``expected`` entries."""
+    if bias is not None:
+        tensor(fn, "bias", bias, ndim=1)
+        same(fn, "x", x, "bias", bias)
+        size(fn, "bias", bias, 0, expected, what)
+
+
 def lowrank_linear(x, U, s, V, bias):
     fn = "ssa_kernels.lowrank_linear"
     tensor(fn, "x", x, min_ndim=1)
     m, r, n = factors(fn, U, s, V, n=x.shape[-1] if x.dim() else None, anchor=("x", x))
-    if bias is not None:
-        tensor(fn, "bias", bias, ndim=1)
-        same(fn, "x", x, "bias", bias)
-        size(fn, "bias", bias, 0, m, "m, the number of rows of U")
+    bias_of(fn, bias, x, m, "m, the number of rows of U")
     finite(fn, x=x, U=U, s=s, V=V, bias=bias)
     return m, r, n
 
@@ -159,17 +173,23 @@ def dfa_project(e, P, sigma, Q, h, a):
     finite(fn, e=e, P=P, sigma=sigma, Q=Q, h=h, a=a)
 
 
-def svd_factor_grads(x, t, delta, U, s, V, BU, BS, BV, align):
-    fn = "ssa_kernels.svd_factor_grads"
-    tensor(fn, "x", x, ndim=2)
-    tensor(fn, "t", t, ndim=2)
-    tensor(fn, "delta", delta, ndim=2)
-    m, r, n = factors(fn, U, s, V, n=x.shape[1], anchor=("x", x))
+def batch_inputs(fn: str, x, t, delta, forward: str) -> None:
+    """``t`` and ``delta`` beside ``x``: same rank and device, ``delta`` in ``x``'s dtype, ``t`` in
+    ``x``'s or the accumulation dtype (as the ``forward`` op returns it)."""
+    tensor(fn, "t", t, ndim=x.dim())
+    tensor(fn, "delta", delta, ndim=x.dim())
     same(fn, "x", x, "delta", delta)
     same(fn, "x", x, "t", t, dtype=False)
     if t.dtype not in (x.dtype, acc_dtype(x.dtype)):
         raise TypeError(f"{fn}: t must have dtype {x.dtype} or {acc_dtype(x.dtype)} (as "
-                        f"lowrank_linear returns it), got {t.dtype}")
+                        f"{forward} returns it), got {t.dtype}")
+
+
+def svd_factor_grads(x, t, delta, U, s, V, BU, BS, BV, align):
+    fn = "ssa_kernels.svd_factor_grads"
+    tensor(fn, "x", x, ndim=2)
+    m, r, n = factors(fn, U, s, V, n=x.shape[1], anchor=("x", x))
+    batch_inputs(fn, x, t, delta, "lowrank_linear")
     p = x.shape[0]
     size(fn, "t", t, 0, p, "p, the batch size of x")
     size(fn, "t", t, 1, r, "r, the number of columns of U")
@@ -293,10 +313,7 @@ def lowrank_conv2d(x, U, s, V, bias, geometry):
     fn = "ssa_kernels.lowrank_conv2d"
     kernel, stride, padding, dilation = geometry
     N, C, r = conv_factors(fn, x, U, s, V, kernel)
-    if bias is not None:
-        tensor(fn, "bias", bias, ndim=1)
-        same(fn, "x", x, "bias", bias)
-        size(fn, "bias", bias, 0, N, "N, the output channels (rows of U / kw)")
+    bias_of(fn, bias, x, N, "N, the output channels (rows of U / kw)")
     conv_out_shape(fn, x, kernel, stride, padding, dilation)
     finite(fn, x=x, U=U, s=s, V=V, bias=bias)
     return N, C, r
@@ -306,13 +323,7 @@ def svd_conv_factor_grads(x, t, delta, U, s, V, geometry, BU, BS, BV, align):
     fn = "ssa_kernels.svd_conv_factor_grads"
     kernel, stride, padding, dilation = geometry
     N, C, r = conv_factors(fn, x, U, s, V, kernel)
-    tensor(fn, "t", t, ndim=4)
-    tensor(fn, "delta", delta, ndim=4)
-    same(fn, "x", x, "delta", delta)
-    same(fn, "x", x, "t", t, dtype=False)
-    if t.dtype not in (x.dtype, acc_dtype(x.dtype)):
-        raise TypeError(f"{fn}: t must have dtype {x.dtype} or {acc_dtype(x.dtype)} (as "
-                        f"lowrank_conv2d returns it), got {t.dtype}")
+    batch_inputs(fn, x, t, delta, "lowrank_conv2d")
     Ho, Wo, Wt = conv_out_shape(fn, x, kernel, stride, padding, dilation)
     p = x.shape[0]
     if tuple(t.shape) != (p, r, Ho, Wt):

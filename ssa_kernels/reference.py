@@ -341,6 +341,15 @@ def conv_kernels(U: Tensor, V: Tensor, kernel_size) -> tuple[Tensor, Tensor]:
     return K1, K2
 
 
+def factors_like(gK1: Tensor, gK2: Tensor) -> tuple[Tensor, Tensor]:
+    """Tensors of the two kernels' shapes back in ``U``/``V`` layout (the inverse of :func:`conv_kernels`).
+
+    ``gK2`` (N×r×1×kw) → ``(N·kw) × r``, ``gK1`` (r×C×kh×1) → ``(C·kh) × r``.
+    """
+    r = gK1.shape[0]
+    return gK2.squeeze(2).permute(0, 2, 1).reshape(-1, r), gK1.reshape(r, -1).t()
+
+
 def factors_from_kernel(K: Tensor) -> Tensor:
     """``K'`` (N·kw × C·kh) of a kernel ``K`` (N×C×kh×kw): ``K'[(n, w), (c, h)] = K[n, c, h, w]``."""
     N, C, kh, kw = K.shape
@@ -422,9 +431,7 @@ def lowrank_conv2d_backward(
     """
     dt = x.dtype
     tc = t.to(dt)
-    kh, kw = kernel_size
-    r = U.shape[1]
-    N, C = U.shape[0] // kw, V.shape[0] // kh
+    N = U.shape[0] // kernel_size[1]
     if grad_h is None:
         grad_h = torch.zeros_like(h)
     ga = grad_h * activation_grad(h, activation, negative_slope)
@@ -441,8 +448,7 @@ def lowrank_conv2d_backward(
     if padding[0] != padding[1] or padding[2] != padding[3]:  # x was pre-padded: cut the pad off
         pt, _, pl, _ = padding
         gxp = gxp[:, :, pt:pt + x.shape[2], pl:pl + x.shape[3]]
-    gU = gK2.reshape(N, r, kw).permute(0, 2, 1).reshape(N * kw, r)
-    gV = gK1.reshape(r, C * kh).t()
+    gU, gV = factors_like(gK1, gK2)
     return gxp, gU, gs, gV, gb
 
 
@@ -479,15 +485,11 @@ def svd_conv_factor_grads(
     """
     dt = x.dtype
     tc = t.to(dt)
-    kh, kw = kernel_size
-    r = U.shape[1]
-    N, C = U.shape[0] // kw, V.shape[0] // kh
     K1, K2 = conv_kernels(U, V, kernel_size)
     xp, pad = _pad_input(x, padding)
     w, gK2, _ = _conv_backward(delta, tc, K2, (1, stride[1]), (0, 0), (1, dilation[1]), (True, True, False))
     _, gK1, _ = _conv_backward(w, xp, K1, (stride[0], 1), pad, (dilation[0], 1), (False, True, False))
-    RU = gK2.reshape(N, r, kw).permute(0, 2, 1).reshape(N * kw, r)
-    RV = gK1.reshape(r, C * kh).t()
+    RU, RV = factors_like(gK1, gK2)
     return factor_epilogue(RU, RV, (w * tc).sum((0, 2, 3)), delta.sum((0, 2, 3)), U, s, V, BU, BS, BV,
                            ce, align, ortho, hoyer, hoyer_eps, scaling, projection, eps)
 
