@@ -1,10 +1,46 @@
-"""Measurements the package reports (DESIGN §10). More metrics arrive with the baselines."""
+"""Measurements the package reports (DESIGN §10).
+
+* :func:`peak_bytes` / :func:`cpu_peak_bytes`: peak memory of a call;
+* :func:`layer_shapes`: what every weight layer of a trainer's model sees in one forward;
+* :func:`training_flops`: analytic training FLOPs of one iteration, per layer and method;
+* :func:`gradient_alignment`: angle between a method's weight-space gradient and BP's;
+* :func:`matrix_alignment`: angle between a layer's feedback matrix and the path it replaces.
+
+Angles are in degrees, ``degrees(arccos(clamp(cos, −1, 1)))`` of the flattened cosine,
+computed in fp64 as ``2·atan2(‖â − b̂‖, ‖â + b̂‖)`` (the same angle, without arccos's loss
+of accuracy near 0° and 180°).
+"""
 
 from __future__ import annotations
 
-import torch
+import copy
+import math
+import operator
+from functools import partial
 
-__all__ = ["cpu_peak_bytes", "peak_bytes"]
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssa_kernels import reference as _kref
+
+from . import _tape
+from .baselines import FeedbackConv2d, FeedbackLinear
+from .convert import to_dense
+from .layers import SSAConv2d, SSALayer, SSALinear
+
+__all__ = ["cpu_peak_bytes", "peak_bytes", "layer_shapes", "training_flops", "gradient_alignment",
+           "matrix_alignment", "FLOP_METHODS"]
+
+#: Layers whose weights are trained (feedback layers are subclasses of nn.Linear / nn.Conv2d).
+WEIGHT_LAYERS = (nn.Linear, nn.Conv2d, SSALayer)
+#: Trained by autograd through the true (``bp``) or a layer-to-layer feedback backward.
+_BACKPROP = ("bp", "fa", "usf", "brsf")
+#: Direct feedback of the output error (``dfa``) or of the one-hot target (``drtp``).
+_DIRECT = ("dfa", "drtp")
+_LAYER_TO_LAYER = ("fa", "usf", "brsf")
+#: The methods :func:`training_flops` counts (the trainer's ``METHODS``).
+FLOP_METHODS = ("ssa", "bp", "svd_bp", "dfa", "drtp", "fa", "usf", "brsf", "sgr")
 
 
 def cpu_peak_bytes(fn) -> int:
@@ -36,3 +72,484 @@ def peak_bytes(fn, device: str | torch.device = "cpu") -> int:
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
     return cpu_peak_bytes(fn)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _check_trainer(fn: str, trainer) -> nn.Module:
+    model = getattr(trainer, "model", None)
+    if not isinstance(model, nn.Module) or not isinstance(getattr(trainer, "method", None), str):
+        raise TypeError(f"{fn}: trainer must be an ssa.Trainer, got {type(trainer).__name__}")
+    return model
+
+
+def _check_method(fn: str, method: str) -> None:
+    if method not in FLOP_METHODS:
+        raise ValueError(f"{fn}: unknown method {method!r} of trainer.method (known: {FLOP_METHODS})")
+
+
+def _check_x_shape(fn: str, x_shape) -> tuple[int, ...]:
+    try:
+        shape = tuple(operator.index(d) for d in x_shape if not isinstance(d, bool))
+        ok = len(shape) == len(tuple(x_shape)) and len(shape) >= 2 and min(shape) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{fn}: x_shape must be (batch, *sample_shape): at least 2 positive ints, "
+                         f"got x_shape={x_shape!r}")
+    return shape
+
+
+def _weight_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every weight layer by qualified name, in registration order."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, WEIGHT_LAYERS)}
+
+
+def _local_heads(trainer) -> list[nn.Module]:
+    """The trainer's *local modules* (their input is detached, DESIGN §5)."""
+    return [u.head for u in getattr(trainer, "units", ()) if getattr(u, "kind", None) == "local"]
+
+
+def _model_like(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    p = next(model.parameters(), None)
+    return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.get_default_dtype())
+
+
+class _Untouched:
+    """Puts back, on exit, what a measuring forward or a ``feedback_matrix()`` call could move: the
+    global RNG (CPU and the model's CUDA device), the train/eval flags and the ``brsf``
+    layers' generators and drawn magnitudes."""
+
+    def __init__(self, model: nn.Module, device: torch.device) -> None:
+        self.model, self.device = model, device
+
+    def __enter__(self):
+        self.rng = torch.get_rng_state()
+        self.cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        self.modes = [(m, m.training) for m in self.model.modules()]
+        self.feedback = [(m, m._gen.get_state(), m._magnitude) for m in self.model.modules()
+                         if isinstance(m, (FeedbackLinear, FeedbackConv2d))]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.set_rng_state(self.rng)
+        if self.cuda_rng is not None:
+            torch.cuda.set_rng_state(self.cuda_rng, self.device)
+        for m, training in self.modes:
+            m.training = training
+        for m, state, magnitude in self.feedback:
+            m._gen.set_state(state)
+            m._magnitude = magnitude
+
+
+def _angle(a: Tensor | None, b: Tensor | None) -> float:
+    """Degrees between flattened ``a`` and ``b``; nan when either is missing, zero or non-finite."""
+    if a is None or b is None:
+        return math.nan
+    a, b = a.detach().double().flatten(), b.detach().double().flatten()
+    if a.shape != b.shape:
+        raise ValueError(f"angle of tensors with {a.numel()} and {b.numel()} elements")
+    na, nb = float(a.norm()), float(b.norm())
+    if not (na > 0 and nb > 0 and math.isfinite(na) and math.isfinite(nb)):
+        return math.nan
+    # = arccos(clamp(cos, −1, 1)), in the form that stays accurate near 0° and 180° (arccos
+    # of a cosine rounded at 1 − 2⁻⁵³ would read 1e-6° for parallel vectors)
+    a, b = a / na, b / nb
+    return math.degrees(2.0 * math.atan2(float((a - b).norm()), float((a + b).norm())))
+
+
+def _dense_of(layer: SSALayer, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
+    """The dense weight of factors, in the layout of ``layer.weight`` (linear in each factor)."""
+    if isinstance(layer, SSAConv2d):
+        return _kref.kernel_from_factors(U, s, V, layer.kernel_size)
+    return (U * s) @ V.t()
+
+
+# ---------------------------------------------------------------------------- shapes
+def layer_shapes(trainer, x_shape) -> dict[str, dict]:
+    """What every weight layer of ``trainer.model`` sees in one forward (DESIGN §10).
+
+    One eval-mode forward of a zero tensor of shape ``(1, *x_shape[1:])`` on the model's
+    device and dtype, recorded by temporary forward hooks (removed afterwards, whatever
+    happens) on every ``nn.Linear``, ``nn.Conv2d`` (feedback layers of :mod:`ssa.baselines`
+    included), :class:`~ssa.SSALinear` and :class:`~ssa.SSAConv2d`. The trainer's own hooks
+    stay idle (no tape is active during the forward); train/eval flags, the global RNG and
+    the ``brsf`` feedback draws are as before the call. Autograd is on during the forward
+    (nothing is backpropagated) so that ``input_grad`` can be read off; the inputs of the
+    trainer's local modules are detached, as in its step.
+
+    Args:
+        trainer: an :class:`ssa.Trainer`.
+        x_shape: the shape of a training batch, ``(batch, *sample_shape)``; only
+            ``sample_shape`` is used here.
+
+    Returns:
+        ``{name: info}`` in execution order, for the layers that ran (a layer called twice
+        is described by its first call; ``calls`` counts them), ``info`` holding:
+        ``name``; ``kind`` (``"linear"`` / ``"conv"``); ``type`` (class name); ``in``, ``out``
+        (features, or channels); ``rows`` (rows per sample a linear layer maps: 1 for a
+        2-D input, the sequence length for ``(B, L, n)``; 1 for a conv); ``kernel``,
+        ``stride``, ``groups`` (conv, else ``None``/``None``/1); ``in_size``, ``out_size``
+        (``(H, W)`` of the input and output maps, conv only); ``t_size`` (``(Ho, W + pad_l +
+        pad_r)`` of the intermediate map ``t`` of an :class:`SSAConv2d`, DESIGN §4); ``rank``
+        (SSA layers, else ``None``); ``order`` (0-based execution order); ``calls``;
+        ``trainable`` (its weight / factors require a gradient); ``input_grad`` (its input
+        depends on trainable parameters, so backpropagation needs its input-gradient);
+        ``local`` (name of the enclosing local module of the trainer, or ``None``);
+        ``is_output`` (the last layer in execution order).
+
+    Raises:
+        ValueError: ``x_shape`` is not a shape of at least 2 positive ints, or the model
+            cannot run a sample of that shape.
+    """
+    return _layer_shapes("layer_shapes", trainer, x_shape)
+
+
+def _layer_shapes(fn: str, trainer, x_shape) -> dict[str, dict]:
+    model = _check_trainer(fn, trainer)
+    shape = _check_x_shape(fn, x_shape)
+    device, dtype = _model_like(model)
+    layers = _weight_layers(model)
+    names = {m: n for n, m in model.named_modules()}
+    owner: dict[nn.Module, str] = {}
+    local = _local_heads(trainer)
+    for head in local:
+        for m in head.modules():
+            if isinstance(m, WEIGHT_LAYERS):
+                owner.setdefault(m, names.get(head, ""))
+    info: dict[str, dict] = {}
+
+    def record(name: str, module: nn.Module, inputs, output) -> None:
+        if name in info:
+            info[name]["calls"] += 1
+            return
+        info[name] = _describe(name, module, inputs[0], output, len(info), owner.get(module))
+
+    def detach(module, args):
+        return tuple(a.detach() if isinstance(a, Tensor) else a for a in args)
+
+    handles = []
+    with _Untouched(model, device):
+        try:
+            for name, m in layers.items():
+                handles.append(m.register_forward_hook(partial(record, name)))
+            for head in local:
+                handles.append(head.register_forward_pre_hook(detach))
+            model.eval()
+            x = torch.zeros((1, *shape[1:]), device=device, dtype=dtype)
+            with _tape.activate(None), torch.enable_grad():
+                try:
+                    model(x)
+                except (RuntimeError, ValueError, TypeError, IndexError) as e:
+                    raise ValueError(f"{fn}: the model cannot run a sample of x_shape={x_shape!r} "
+                                     f"(as shape {tuple(x.shape)}): {e}") from e
+        finally:
+            for h in handles:
+                h.remove()
+    if info:
+        info[list(info)[-1]]["is_output"] = True
+    return info
+
+
+def _describe(name: str, m: nn.Module, x: Tensor, out: Tensor, order: int, local: str | None) -> dict:
+    trainable = (m.U if isinstance(m, SSALayer) else m.weight).requires_grad
+    rec = dict(name=name, kind="linear", type=type(m).__name__, rows=1, kernel=None, stride=None, groups=1,
+               in_size=None, out_size=None, t_size=None, rank=m.rank if isinstance(m, SSALayer) else None,
+               order=order, calls=1, trainable=bool(trainable), input_grad=bool(x.requires_grad),
+               local=local, is_output=False)
+    if isinstance(m, (nn.Conv2d, SSAConv2d)):
+        rec.update(kind="conv", kernel=tuple(m.kernel_size), stride=tuple(m.stride), groups=int(m.groups),
+                   **{"in": m.in_channels, "out": m.out_channels},
+                   in_size=tuple(x.shape[-2:]), out_size=tuple(out.shape[-2:]))
+        if isinstance(m, SSAConv2d):
+            _, _, pl, pr = m._pads
+            rec["t_size"] = (int(out.shape[-2]), int(x.shape[-1]) + pl + pr)
+    else:
+        rec.update(**{"in": m.in_features, "out": m.out_features}, rows=max(1, x.numel() // m.in_features))
+    return rec
+
+
+# ---------------------------------------------------------------------------- FLOPs
+def training_flops(trainer, x_shape) -> dict[str, int]:
+    """Analytic training FLOPs of one iteration of ``trainer.method`` (DESIGN §10), per layer.
+
+    Forward plus update of every weight layer of :func:`layer_shapes` for a batch of
+    ``B = x_shape[0]``, at the layers' *current* ranks (SSA's count falls as ranks are cut).
+    A multiply-add is 2 FLOPs. Only matrix products and convolutions are counted:
+    elementwise work (activations and their derivatives, softmax, error, bias sums,
+    dropout, ``brsf``'s redraw), norms, pooling and the optimizer step are not.
+
+    Notation: ``C`` classes, ``d`` out features / channels, ``F`` the forward of the dense
+    layer (linear: ``2·p·m·n``, ``p = B·rows``, ``m`` out, ``n`` in; conv:
+    ``2·B·Ho·Wo·N·(C_in/groups)·kh·kw``). "First layer" below means a layer whose input needs
+    no gradient (``input_grad`` false: the first layer in execution order of a chain).
+
+    * ``bp``, ``fa``, ``usf``, ``brsf``: ``F`` + weight-gradient ``F`` + input-gradient ``F``
+      (``fa``/``usf``/``brsf`` through ``B``, same cost); first layer ``F + F``.
+    * ``dfa``, ``drtp``: ``F + F`` + feedback projection ``2·B·C·d`` (``B e`` or ``B y``), none
+      for the output layer (the last one in execution order), which gets the error itself.
+    * ``sgr``: ``F + F`` + input-gradient ``F`` + double backward ``2F`` of the
+      reconciliation penalty (an approximation: one more backward pass and its gradient)
+      + local ETF head ``2·2·B·d·C`` (forward and backward of the fixed ``d×C`` head on the
+      globally average-pooled output); the first layer has no penalty (nothing before it to
+      reconcile with), the output layer no head.
+    * ``ssa``, :class:`SSALinear` ``m×n`` of rank ``r``: forward ``2·p·r·(m + n)``; update =
+      DFA projection through the factored feedback ``B = P diag(σ) Qᵀ``, ``2·B·k·(C + d)``
+      (``k`` = columns of ``P``, or ``min(C, d, r)`` before it is built; none for the output
+      layer) + fused factor gradients of DESIGN §6 ``2·p·r·(2m + n) + 2·p·r² + 6·(m + n)·r²``
+      (``w = δU``, ``δᵀt``, ``xᵀw``, ``wᵀt``, and the r×r cores of the alignment, ortho and
+      Stiefel-projection terms: the count of ``benchmarks/test_ops.py``).
+      :class:`SSAConv2d` (``m = N·kw``, ``n = C_in·kh``, ``Wt = W + pad_l + pad_r``):
+      ``conv1 = 2·B·r·C_in·kh·Ho·Wt``, ``conv2 = 2·B·N·r·kw·Ho·Wo``; forward ``conv1 + conv2``;
+      update = projection + ``2·conv2 + conv1 + 2·B·r²·Ho·Wt + 6·(m + n)·r²`` (the count of
+      ``benchmarks/test_conv.py``). Dense layers left in the model count as ``dfa``.
+    * ``svd_bp``: forward as ``ssa``; backward ``2 ×`` forward (input- and factor-gradients;
+      first layer: factor gradients only, i.e. without ``2·p·n·r``, conv: without ``conv1``)
+      + orthogonality-penalty gradient ``2·2·r²·(m + n)``. Dense layers count as ``bp``.
+
+    Layers inside a trainer's local module (``dfa``/``drtp``/``ssa``/``sgr``, e.g. residual
+    blocks) add the local backpropagation: one input-gradient (dense: ``F``, SSA: the
+    forward's cost) where their input needs one; the module's projection ``2·B·C·d`` (dense
+    feedback at its output) is booked on its last layer in execution order. A frozen layer
+    costs its forward and, where needed, its input-gradient.
+
+    Args:
+        trainer: an :class:`ssa.Trainer`.
+        x_shape: shape of a training batch ``(B, *sample_shape)``.
+
+    Returns:
+        ``{layer name: FLOPs}`` in execution order, plus ``"total"``.
+
+    Raises:
+        ValueError: unknown ``trainer.method``; bad ``x_shape`` (see :func:`layer_shapes`).
+    """
+    fn = "training_flops"
+    model = _check_trainer(fn, trainer)
+    method = trainer.method
+    _check_method(fn, method)
+    shape = _check_x_shape(fn, x_shape)
+    shapes = _layer_shapes(fn, trainer, shape)
+    B, C = shape[0], int(trainer.num_classes)
+    # The signal of a local module enters at its output: booked on its last layer, once.
+    last_of_local: dict[str, str] = {}
+    for name, L in shapes.items():
+        if L["local"] is not None:
+            last_of_local[L["local"]] = name
+    output_local = {L["local"] for L in shapes.values() if L["is_output"] and L["local"] is not None}
+    out: dict[str, int] = {}
+    for name, L in shapes.items():
+        module = model.get_submodule(name)
+        if L["local"] is None:
+            signal = not L["is_output"]
+        else:
+            signal = last_of_local[L["local"]] == name and L["local"] not in output_local
+        out[name] = int(L["calls"] * _layer_flops(method, L, module, B, C, signal))
+    out["total"] = sum(out.values())
+    return out
+
+
+def _dense_forward(L: dict, B: int) -> int:
+    if L["kind"] == "linear":
+        return 2 * B * L["rows"] * L["out"] * L["in"]
+    (Ho, Wo), (kh, kw) = L["out_size"], L["kernel"]
+    return 2 * B * Ho * Wo * L["out"] * (L["in"] // L["groups"]) * kh * kw
+
+
+def _ssa_costs(L: dict, B: int) -> tuple[int, int, int, int]:
+    """``(forward, V-side product, fused factor-gradient update, 2·2·r²·(m + n))`` of an SSA layer."""
+    r = L["rank"]
+    if L["kind"] == "linear":
+        p, m, n = B * L["rows"], L["out"], L["in"]
+        forward, v_side = 2 * p * r * (m + n), 2 * p * n * r
+        # benchmarks/test_ops.py::test_svd_factor_grads: w = δU, δᵀt, xᵀw, wᵀt; cores O((m + n) r²)
+        update = 2 * p * r * (2 * m + n) + 2 * p * r * r + 6 * (m + n) * r * r
+    else:
+        (kh, kw), (Ho, Wo), (_, Wt) = L["kernel"], L["out_size"], L["t_size"]
+        N, Cin = L["out"], L["in"]
+        m, n = N * kw, Cin * kh
+        # benchmarks/test_conv.py (module docstring): conv1, conv2, ssa factor grads
+        conv1 = 2 * B * r * Cin * kh * Ho * Wt
+        conv2 = 2 * B * N * r * kw * Ho * Wo
+        forward, v_side = conv1 + conv2, conv1
+        update = 2 * conv2 + conv1 + 2 * B * r * r * Ho * Wt + 6 * (m + n) * r * r
+    return forward, v_side, update, 4 * r * r * (m + n)
+
+
+def _layer_flops(method: str, L: dict, module: nn.Module, B: int, C: int, signal: bool) -> int:
+    d, trainable, input_grad, local = L["out"], L["trainable"], L["input_grad"], L["local"] is not None
+    if L["rank"] is not None:  # SSA layer
+        forward, v_side, update, penalty = _ssa_costs(L, B)
+        if method in ("ssa",) + _DIRECT:
+            if not signal:
+                project = 0
+            elif local:  # a local module's dense feedback at its output
+                project = 2 * B * C * d
+            else:  # δh = ((e Q) ⊙ σ) Pᵀ
+                P = module.feedback_P
+                k = P.shape[1] if P is not None else min(C, d, L["rank"])
+                project = 2 * B * k * (C + d)
+            backprop = forward if local and input_grad else 0
+            return forward + (update + project if trainable else 0) + backprop
+        # trained by autograd through the factors (svd_bp; other methods never keep SSA layers)
+        if not trainable:
+            backward = forward if input_grad else 0
+        elif input_grad:
+            backward = 2 * forward
+        else:  # factor gradients only: no x-gradient (2·p·n·r, conv1)
+            backward = 2 * forward - v_side
+        return forward + backward + (penalty if method == "svd_bp" and trainable else 0)
+    f = _dense_forward(L, B)
+    weight = f if trainable else 0
+    if method in _BACKPROP or method == "svd_bp":
+        return f + weight + (f if input_grad else 0)
+    if method == "sgr":
+        head = 2 * 2 * B * d * C if signal else 0
+        return f + weight + (3 * f if input_grad else 0) + head
+    # dfa, drtp, and dense layers of an ssa model
+    project = 2 * B * C * d if signal else 0
+    return f + weight + project + (f if local and input_grad else 0)
+
+
+# ---------------------------------------------------------------------------- alignment angles
+def _method_weight_grad(layer: nn.Module) -> Tensor | None:
+    """A layer's weight-space gradient: ``weight.grad``, or an SSA layer's pseudo-gradient."""
+    if not isinstance(layer, SSALayer):
+        return layer.weight.grad
+    grads = (layer.U.grad, layer.s.grad, layer.V.grad)
+    if all(g is None for g in grads):
+        return None
+    with torch.no_grad():
+        U, s, V = layer.U.detach(), layer.s.detach(), layer.V.detach()
+        gU, gs, gV = (torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, (U, s, V)))
+        # gU diag(s) Vᵀ + U diag(gs) Vᵀ + U diag(s) gVᵀ, in the layout of layer.weight
+        return _dense_of(layer, gU, s, V) + _dense_of(layer, U, gs, V) + _dense_of(layer, U, s, gV)
+
+
+def _first_dense(module: nn.Module) -> nn.Module | None:
+    """``module`` if it is an ``nn.Linear``/``nn.Conv2d``, else the first one inside it."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            return m
+    return None
+
+
+def gradient_alignment(trainer, x: Tensor, y: Tensor) -> dict[str, float]:
+    """Gradient alignment angle per weight layer, in degrees (DESIGN §10).
+
+    The angle between the method's weight-space gradient now in ``.grad`` (call this after
+    the method filled the gradients and before ``optimizer.step()``) and the BP gradient of
+    the mean cross-entropy on the same batch, ``degrees(arccos(clamp(cos, −1, 1)))`` with
+    ``cos = ⟨g, g_BP⟩ / (‖g‖ ‖g_BP‖)`` over the flattened weights. The method's gradient is
+    ``weight.grad`` for dense layers and, for SSA layers, the W-space pseudo-gradient
+    ``gU diag(s) Vᵀ + U diag(gs) Vᵀ + U diag(s) gVᵀ`` (for :class:`SSAConv2d` in the kernel
+    layout of ``layer.weight``). The BP gradient comes from a twin: a deep copy of the model
+    made dense by :func:`ssa.to_dense`, in the same train/eval modes, one forward of ``x``
+    and ``F.cross_entropy(twin(x).float(), y).backward()``. Dropout draws of the twin
+    differ from those of the method's forward (the global RNG is restored afterwards, so the
+    run does not shift); BatchNorm uses batch statistics in both.
+
+    Nothing of the trainer changes: its model, ``.grad``s, modes and RNG are as before.
+
+    Args:
+        trainer: an :class:`ssa.Trainer`.
+        x: the batch the gradients were computed on.
+        y: its labels, 1-D integers.
+
+    Returns:
+        ``{layer name: degrees}`` for every weight layer (registration order); ``nan`` where
+        the method's gradient is missing (``None``) or zero, or BP's is (layer frozen, or
+        not reached by the loss).
+
+    Raises:
+        TypeError / ValueError: ``x`` or ``y`` not tensors, ``y`` not 1-D integer labels, or
+            batch sizes that differ.
+    """
+    fn = "gradient_alignment"
+    model = _check_trainer(fn, trainer)
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(f"{fn}: x and y must be Tensors, got {type(x).__name__} and {type(y).__name__}")
+    if y.dim() != 1 or y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise ValueError(f"{fn}: y must be 1-D integer class labels, got shape {tuple(y.shape)} "
+                         f"dtype {y.dtype}")
+    if x.dim() < 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"{fn}: x has {x.shape[0] if x.dim() else 0} samples but y has {y.shape[0]}")
+    device, _ = _model_like(model)
+    x, y = x.to(device), y.to(device).long()
+    layers = _weight_layers(model)
+    mine = {name: _method_weight_grad(m) for name, m in layers.items()}
+    with _Untouched(model, device):
+        twin = copy.deepcopy(model)
+        special = (SSALayer, FeedbackLinear, FeedbackConv2d)
+        twin = twin.to_dense() if isinstance(twin, special) else to_dense(twin)
+        for p in twin.parameters():
+            p.grad = None
+        with _tape.activate(None), torch.enable_grad():  # the trainer's (copied) hooks stay idle
+            F.cross_entropy(twin(x).float(), y).backward()
+    out = {}
+    for name in layers:
+        dense = _first_dense(twin.get_submodule(name))
+        out[name] = _angle(mine[name], dense.weight.grad if dense is not None else None)
+    return out
+
+
+def _direct_feedback(trainer, name: str, layer: nn.Module) -> Tensor | None:
+    """``B_i`` (d × C) of a direct-feedback layer, or ``None`` before it exists."""
+    if isinstance(layer, SSALayer) and layer.feedback_P is not None:
+        return (layer.feedback_P * layer.feedback_sigma) @ layer.feedback_Q.t()
+    return getattr(trainer, "feedback", {}).get(name)
+
+
+def matrix_alignment(trainer) -> dict[str, float]:
+    """Matrix alignment angle per layer, in degrees (DESIGN §10).
+
+    * Direct feedback (``dfa``, ``drtp``, ``ssa``): for every hidden layer ``i``, the angle
+      between its feedback ``B_i`` (``d_i × C``: ``P diag(σ) Qᵀ`` of an SSA layer,
+      ``trainer.feedback[name]`` of a dense one) and the backward path it replaces,
+      ``(W_N ⋯ W_{i+1})ᵀ`` — the product of the dense weights of the layers after it
+      (module registration order, which is the forward order of :mod:`ssa.models`),
+      nonlinearities ignored, flattened cosine. Defined only when every layer after ``i``
+      is a linear layer and their shapes compose from ``d_i`` to ``C`` (a convolution
+      after ``i``, or a flatten that changes the width, leaves ``i`` out); layers whose
+      feedback is not built yet (dense feedback appears at the first step) are left out,
+      and so are layers inside a trainer's local module (their feedback belongs to the
+      module, not to the layer); the output layer has no entry.
+    * Layer-to-layer feedback (``fa``, ``usf``, ``brsf``): for every feedback layer ``j``
+      but the first, the angle between ``B_j`` (``layer.feedback_matrix()``, the shape of
+      ``W_j``; the matrix that carries the error to layer ``j − 1`` in place of ``W_j``)
+      and ``W_j``, keyed by layer ``j``'s name.
+    * ``bp``, ``svd_bp``, ``sgr``: no feedback matrix, ``{}``.
+
+    Returns:
+        ``{layer name: degrees}``.
+
+    Raises:
+        ValueError: unknown ``trainer.method``.
+    """
+    fn = "matrix_alignment"
+    model = _check_trainer(fn, trainer)
+    method = trainer.method
+    _check_method(fn, method)
+    layers = list(_weight_layers(model).items())
+    out: dict[str, float] = {}
+    if method in _LAYER_TO_LAYER:
+        feedback = [(n, m) for n, m in layers if isinstance(m, (FeedbackLinear, FeedbackConv2d))]
+        with _Untouched(model, _model_like(model)[0]), torch.no_grad():
+            for name, layer in feedback[1:]:
+                out[name] = _angle(layer.feedback_matrix(), layer.weight)
+        return out
+    if method not in ("ssa",) + _DIRECT:
+        return out
+    with torch.no_grad():
+        for i, (name, layer) in enumerate(layers[:-1]):
+            B = _direct_feedback(trainer, name, layer)
+            after = [m for _, m in layers[i + 1:]]
+            if B is None or B.dim() != 2 or not all(isinstance(m, (nn.Linear, SSALinear)) for m in after):
+                continue
+            Ws = [m.weight.detach().double() for m in after]  # each out × in
+            dims = [B.shape[0]] + [W.shape[0] for W in Ws]
+            if any(W.shape[1] != dims[j] for j, W in enumerate(Ws)) or dims[-1] != B.shape[1]:
+                continue
+            M = Ws[0]
+            for W in Ws[1:]:
+                M = W @ M  # W_N ⋯ W_{i+1}: C × d_i
+            out[name] = _angle(B, M.t())
+    return out

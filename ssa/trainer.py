@@ -16,7 +16,10 @@ One SSA step (``method="ssa"``):
 
 ``memory="recompute"`` runs a first forward that keeps nothing, then a second forward in
 which each unit updates as soon as its output exists (peak memory flat in depth).
-``method="bp"`` trains the same model densely with autograd.
+``method="bp"`` trains the same model densely with autograd; the baselines of DESIGN §9
+(``svd_bp``, ``dfa``, ``drtp``, ``fa``, ``usf``, ``brsf``, ``sgr``) run in the same trainer with
+the same data, seed and optimizer (see :class:`Trainer`). :meth:`Trainer.fit` logs the metrics
+of DESIGN §10 per epoch (:mod:`ssa.metrics`).
 """
 
 from __future__ import annotations
@@ -45,9 +48,12 @@ from .schedule import RankSchedule
 
 __all__ = ["Trainer", "METHODS"]
 
-METHODS = ("ssa", "bp", "dfa", "fa", "usf", "brsf")
+METHODS = ("ssa", "bp", "svd_bp", "dfa", "drtp", "fa", "usf", "brsf", "sgr")
 #: Methods trained by the local, autograd-free step (the others by autograd).
-LOCAL_METHODS = ("ssa", "dfa")
+LOCAL_METHODS = ("ssa", "dfa", "drtp")
+#: Methods whose trained parameters are those of the trainer's units (layers, their norms,
+#: local modules); the others train every parameter that requires a gradient.
+UNIT_METHODS = LOCAL_METHODS + ("sgr",)
 MEMORY_MODES = ("store", "recompute")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 
@@ -196,6 +202,41 @@ class Trainer:
             layer-to-layer feedback (Lillicrap et al. 2016; Liao et al. 2016), every
             ``nn.Linear`` / ``nn.Conv2d`` swapped for a layer whose backward sends the error
             down through ``B`` instead of ``W``, trained by autograd (:mod:`ssa.baselines`).
+            ``"svd_bp"``: the SSA factors ``(U, s, V)`` (same conversion and initial rank as
+            ``ssa``) trained by backprop through the low-rank forward, with the orthogonality
+            penalty of Yang et al., "Learning Low-rank Deep Neural Networks via Singular Vector
+            Orthogonality Regularization and Singular Value Sparsification", CVPR-W 2020
+            (:meth:`svd_penalty`: ``loss.ortho·(‖UᵀU − I‖² + ‖VᵀV − I‖²)`` and, with
+            ``loss.hoyer > 0``, their Hoyer sparsity on ``s``). Differs from it in: no energy-based
+            rank pruning (a rank schedule is ``ssa``'s only), the penalty is not divided by ``r²``.
+            ``"drtp"``: Direct Random Target Projection (Frenkel, Lefebvre & Bol, "Learning
+            Without Feedback: Fixed Random Learning Signals Allow for Feedforward Training of
+            Deep Neural Networks", Front. Neurosci. 2021): as ``dfa`` but every hidden layer
+            receives a fixed projection of the one-hot target instead of the error; the output
+            layer gets ``e``, as in the paper. Same ``B`` as ``dfa``. Differs from it in: the
+            target is centred, ``δa = (((1/C − y*)/p) Bᵀ) ⊙ f'(a)`` — the error ``e`` at the
+            uninformed output ``softmax = 1/C`` (the paper projects ``y*`` itself, the sign of
+            ``e`` at the target being its rationale). Uncentred, the mean column of ``B`` is
+            pushed into every sample at every step and never cancels: measured here, LeNet on
+            digits stays at chance for 10 epochs (centred: up to 52 %). With ReLU units the
+            hidden activations still grow without bound (the signal never vanishes; the paper
+            uses saturating ``tanh`` units): 92 % on the digits MLP after 30 epochs but a
+            rising training loss (tanh: 95.6 %).
+            ``"sgr"``: Successive Gradient Reconciliation (Yang et al., "Towards Interpretable
+            Deep Local Learning with Successive Gradient Reconciliation", ICML 2024), in its
+            BP-free form: every unit (a layer with its tail, or a local module) gets its input
+            detached; the unit before unit ``j`` is trained on ``L_{j−1}``, the cross-entropy of a
+            fixed simplex-ETF classifier on unit ``j``'s input ``a_j`` (global average pooling
+            first for feature maps; no learnable head), the output unit on the model's loss;
+            unit ``j`` also gets the reconciliation penalty
+            ``sgr_lambda · p · ‖∂L_j/∂a_j − sg(∂L_{j−1}/∂a_j)‖²`` — its own loss's gradient
+            with respect to its input pulled toward the previous unit's gradient at its output,
+            held constant (gradient isolation kept). Autograd runs inside each unit only (plus
+            the double backward of the penalty). Differs from the paper in: the local heads are
+            fixed ETFs for every method setting (the paper's local-BP setting has learnable
+            auxiliary networks); the squared distance is scaled by the batch size ``p`` so that
+            ``sgr_lambda`` does not depend on it. Units must form a chain (each unit's input
+            produced by the previous one; residual blocks are local modules).
         loss: :class:`LossConfig` (coefficients and gradient form).
         optimizer: ``"adam"`` (``fused=True`` where torch supports it), ``"adamw"``, ``"sgd"``
             (momentum 0.9), or a callable ``params -> torch.optim.Optimizer``.
@@ -219,6 +260,14 @@ class Trainer:
             ``(20, 40, 60)``, ÷10).
         lr_scheduler: instead, a callable ``optimizer -> torch.optim.lr_scheduler.LRScheduler``
             stepped once per epoch. Either is saved in checkpoints.
+        sgr_lambda: the reconciliation weight λ of ``method="sgr"`` (0 drops the penalty).
+        align_every: measure the gradient alignment angle (DESIGN §10,
+            :func:`ssa.metrics.gradient_alignment`, against a BP twin of the model, for
+            measurement only) every this many steps; the epoch's mean per layer goes into the
+            history as ``"grad_angle"``. ``None``: not measured.
+        measure_memory: measure the peak memory of the first step of every epoch
+            (:func:`ssa.metrics.peak_bytes`: CUDA allocator statistics, or the profiler's memory
+            events on the CPU) into the history as ``"peak_mem"`` (bytes).
 
     Other trainable parameters outside SSA layers, dense layers, norms after a layer and
     local modules make ``method="ssa"`` (and ``"dfa"``) raise (freeze them with ``requires_grad_(False)`` or
@@ -231,7 +280,8 @@ class Trainer:
                  memory: str = "store", reorth_every: int | None = None, seed: int = 0, *,
                  local_modules=(), freeze_norms: bool = False, rank: int | None = None, skip=(),
                  backend: str = "auto", device=None, lr_milestones=(), lr_gamma: float = 0.1,
-                 lr_scheduler=None) -> None:
+                 lr_scheduler=None, sgr_lambda: float = 1.0, align_every: int | None = None,
+                 measure_memory: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Trainer: model must be an nn.Module, got {type(model).__name__}")
         if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -254,9 +304,22 @@ class Trainer:
             raise ValueError(f"Trainer: reorth_every must be None or an int >= 1, got {reorth_every!r}")
         if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"Trainer: lr must be a positive finite number, got {lr!r}")
+        if not (isinstance(sgr_lambda, (int, float)) and not isinstance(sgr_lambda, bool)
+                and math.isfinite(sgr_lambda) and sgr_lambda >= 0):
+            raise ValueError(f"Trainer: sgr_lambda must be a finite number >= 0, got {sgr_lambda!r}")
+        if align_every is not None and (isinstance(align_every, bool) or not isinstance(align_every, int)
+                                        or align_every < 1):
+            raise ValueError(f"Trainer: align_every must be None or an int >= 1, got {align_every!r}")
+        if not isinstance(measure_memory, bool):
+            raise TypeError(f"Trainer: measure_memory must be a bool, got {type(measure_memory).__name__}")
         self.num_classes, self.method, self.loss, self.memory = num_classes, method, loss, memory
         self.schedule, self.reorth_every, self.seed, self.backend = schedule, reorth_every, seed, backend
         self.freeze_norms, self.lr = freeze_norms, float(lr)
+        self.sgr_lambda, self.align_every = float(sgr_lambda), align_every
+        self.measure_memory = measure_memory
+        self._angles: list[dict[str, float]] = []  # gradient angles measured in the current epoch
+        self._sgr_pairs: list | None = None  # (input, detached leaf) per unit while an sgr forward runs
+        self._target: Tensor | None = None  # drtp: the batch's −onehot(y)/p
         torch.manual_seed(seed)
         if device is not None:
             model = model.to(device)
@@ -266,15 +329,18 @@ class Trainer:
         self.units: list[_Unit] = []
         self._unit_of: dict[nn.Module, _Unit] = {}
         self.feedback: dict[str, Tensor] = {}
-        if method == "ssa":
+        if method in ("ssa", "svd_bp"):
             convert(model, rank=rank, skip=skip, seed=seed)
             for layer in model.modules():
                 if isinstance(layer, SSALayer):
                     layer.backend = backend
-            self._prepare_ssa(local_modules)
-        elif method == "dfa":  # every layer dense, trained by plain DFA (Nøkland 2016)
+            if method == "ssa":
+                self._prepare_ssa(local_modules)
+        elif method in ("dfa", "drtp", "sgr"):  # every layer dense, trained from a local signal
             to_dense(model)
             self._prepare_ssa(local_modules)
+            if method == "sgr":
+                self._prepare_sgr()
         else:
             to_dense(model)
             if method in FEEDBACK_MODES:  # layer-to-layer feedback, trained by autograd
@@ -407,7 +473,7 @@ class Trainer:
 
     def _trainable(self) -> list[nn.Parameter]:
         params = [p for p in self.model.parameters() if p.requires_grad]
-        if self.method in LOCAL_METHODS:
+        if self.method in UNIT_METHODS:
             params = [p for p in params if id(p) in self._handled]
         return params
 
@@ -531,6 +597,10 @@ class Trainer:
         loss = F.cross_entropy(z.float(), y)
         self._raise_if_nonfinite(loss)
         self._mark_output(z)
+        if self.method == "drtp":  # DRTP: hidden layers see the projected (centred) target, not e
+            target = torch.full_like(z, 1.0 / (z.shape[1] * y.shape[0]))
+            target[torch.arange(y.shape[0], device=z.device), y] -= 1.0 / y.shape[0]
+            self._target = target
         return loss, self.error(z, y)
 
     def _mark_output(self, z: Tensor) -> None:
@@ -566,7 +636,7 @@ class Trainer:
             return e.to(out.dtype)
         chan = 1 if out.dim() == 4 else out.dim() - 1  # conv maps: channels; sequences: features
         d = out.shape[chan]
-        e = e.to(out.dtype)
+        e = (self._target if self.method == "drtp" else e).to(out.dtype)
         if unit.kind == "ssa":
             L = unit.head
             dh = feedback_signal(e, L.feedback_P, L.feedback_sigma, L.feedback_Q)
@@ -695,12 +765,16 @@ class Trainer:
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.method not in LOCAL_METHODS:  # bp and the layer-to-layer feedback methods
+        if self.method == "sgr":
+            z, loss = self._sgr_step(x, y)
+            self._all_reduce()
+        elif self.method not in LOCAL_METHODS:  # bp, svd_bp and the layer-to-layer feedback methods
             z = self.model(x)
             self._check_output(z)
             loss = F.cross_entropy(z.float(), y)
             self._raise_if_nonfinite(loss.detach())
-            loss.backward()
+            objective = loss + self.svd_penalty() if self.method == "svd_bp" else loss
+            objective.backward()
             self._all_reduce()
         elif self.memory == "store":
             with self.record():
@@ -708,6 +782,10 @@ class Trainer:
             loss = self.local_backward(z, y)
         else:
             z, loss = self._recompute_step(x, y)
+        if self.align_every and self.step_count % self.align_every == 0:
+            from .metrics import gradient_alignment
+
+            self._angles.append(gradient_alignment(self, x, y))  # .grad filled, before the update
         self.optimizer.step()
         self.step_count += 1
         if self.method == "ssa" and self.reorth_every and self.step_count % self.reorth_every == 0:
@@ -716,6 +794,113 @@ class Trainer:
         with torch.no_grad():
             acc = (z.argmax(1) == y).float().mean()
         return {"loss": float(loss.detach()), "acc": float(acc), "n": int(y.shape[0])}
+
+    def svd_penalty(self) -> Tensor:
+        """``svd_bp``'s regulariser: ``ortho·Σ(‖UᵀU − I‖² + ‖VᵀV − I‖²) + hoyer·Σ H(s)`` over SSA layers.
+
+        The orthogonality penalty of Yang et al. 2020 (unnormalised, as DESIGN §6 writes it for
+        SSA) and, with ``loss.hoyer > 0``, the smoothed Hoyer sparsity ``H(s) = Σ√(s² + ε²)/‖s‖``
+        of DESIGN §6 on the singular values, active in every epoch.
+        """
+        total = None
+        for layer in self.ssa_layers().values():
+            term = 0.0
+            if self.loss.ortho > 0:
+                for F_ in (layer.U, layer.V):
+                    eye = torch.eye(F_.shape[1], device=F_.device, dtype=F_.dtype)
+                    term = term + self.loss.ortho * (F_.t() @ F_ - eye).pow(2).sum()
+            if self.loss.hoyer > 0:
+                s = layer.s
+                hoyer = torch.sqrt(s * s + self.loss.hoyer_eps ** 2).sum() / s.norm().clamp_min(1e-30)
+                term = term + self.loss.hoyer * hoyer
+            total = term if total is None else total + term
+        if total is None or not isinstance(total, Tensor):
+            return torch.zeros((), device=self.device)
+        return total.float()
+
+    # ------------------------------------------------------------------ sgr
+    def _prepare_sgr(self) -> None:
+        """Pre-hooks cutting the graph at every unit's input while an ``sgr`` forward runs."""
+        mine = self
+
+        def pre(module, args, unit):
+            pairs = mine._sgr_pairs
+            if pairs is None:
+                return None
+            if any(name == unit.name for name, _, _ in pairs):
+                raise RuntimeError(f"Trainer: module {unit.name!r} ran twice in one forward; sgr's local "
+                                   "losses need one call per layer per forward")
+            x = args[0]
+            if not isinstance(x, Tensor):
+                raise TypeError(f"Trainer: sgr needs a Tensor input to {unit.name!r}, got {type(x).__name__}")
+            leaf = x.detach().requires_grad_(True)
+            pairs.append((unit.name, x, leaf))
+            return (leaf,) + tuple(args[1:])
+
+        for unit in self.units:
+            self._hooks.append(unit.head.register_forward_pre_hook(
+                lambda module, args, unit=unit: pre(module, args, unit)))
+
+    def _etf(self, name: str, d: int, like: Tensor) -> Tensor:
+        """The fixed local classifier (d×C) of the unit consuming ``name``'s input: a simplex ETF.
+
+        ``E = √(C/(C−1))·P(I − 11ᵀ/C)``, ``P`` a seeded d×C matrix with orthonormal columns
+        (unit-norm columns, pairwise cosine ``−1/(C−1)``). With ``d < C`` no ETF exists in
+        ``d`` dimensions: ``P`` then has orthonormal rows, a random projection of the C-dim ETF.
+        """
+        key = f"sgr_head:{name}"
+        E = self.feedback.get(key)
+        if E is None or E.shape[0] != d:
+            C = self.num_classes
+            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
+            A = torch.randn(max(d, C), min(d, C), generator=gen, dtype=torch.float64)
+            Q = torch.linalg.qr(A)[0]
+            P = Q if d >= C else Q.t()  # d×C
+            center = torch.eye(C, dtype=torch.float64) - 1.0 / C
+            E = math.sqrt(C / (C - 1)) * P @ center
+            E = E.to(device=like.device, dtype=torch.float32)
+            self.feedback[key] = E
+        return E
+
+    def _sgr_head_loss(self, name: str, a: Tensor, y: Tensor) -> Tensor:
+        """Cross-entropy of the fixed ETF head on ``a`` (global average pooling first for maps)."""
+        f = a.float()
+        if f.dim() == 4:
+            f = f.mean((2, 3))
+        elif f.dim() > 2:  # sequences: features last
+            f = f.reshape(f.shape[0], -1, f.shape[-1]).mean(1)
+        return F.cross_entropy(f @ self._etf(name, f.shape[1], f), y)
+
+    def _sgr_step(self, x: Tensor, y: Tensor):
+        """One ``sgr`` step: local ETF losses and the reconciliation penalty, by local autograd."""
+        self._sgr_pairs = []
+        try:
+            z = self.model(x)
+        finally:
+            pairs, self._sgr_pairs = self._sgr_pairs, None
+        self._check_output(z)
+        loss = F.cross_entropy(z.float(), y)
+        self._raise_if_nonfinite(loss.detach())
+        # heads[j]: the loss of the unit *before* unit j, on unit j's input a_j (None for the data).
+        heads = [self._sgr_head_loss(name, a, y) if a.requires_grad else None for name, a, _ in pairs]
+        total, p = loss, y.shape[0]
+        for j, (name, a, leaf) in enumerate(pairs):
+            if heads[j] is None:
+                continue
+            total = total + heads[j]
+            if self.sgr_lambda == 0:
+                continue
+            own = heads[j + 1] if j + 1 < len(pairs) else loss  # unit j's own local loss
+            g_next = torch.autograd.grad(own, leaf, retain_graph=True, create_graph=True,
+                                         allow_unused=True)[0]
+            if g_next is None:
+                raise RuntimeError(f"Trainer: sgr needs the units to form a chain, but the loss after "
+                                   f"{name!r} does not depend on its input (declare branching parts as "
+                                   "local_modules=)")
+            g_prev = torch.autograd.grad(heads[j], a, retain_graph=True)[0]  # a constant (stop-gradient)
+            total = total + self.sgr_lambda * p * (g_next.float() - g_prev.float()).pow(2).sum()
+        total.backward()
+        return z, loss
 
     @torch.no_grad()
     def _recompute_step(self, x: Tensor, y: Tensor):
@@ -786,12 +971,30 @@ class Trainer:
         self.epoch += 1
         return cut
 
+    def epoch_metrics(self, x_shape) -> dict:
+        """``params``, ``flops`` (per layer and ``"total"``, one iteration of batch shape ``x_shape``),
+        ``grad_angle`` (mean per layer over the epoch's measured steps) and ``matrix_angle``
+        (DESIGN §10, :mod:`ssa.metrics`)."""
+        from . import metrics
+
+        angles: dict[str, float] = {}
+        for name in dict.fromkeys(n for a in self._angles for n in a):
+            vals = [a[name] for a in self._angles if name in a and math.isfinite(a[name])]
+            angles[name] = sum(vals) / len(vals) if vals else float("nan")
+        self._angles = []
+        return {"params": self.param_count(),
+                "flops": metrics.training_flops(self, x_shape) if x_shape is not None else {},
+                "grad_angle": angles, "matrix_angle": metrics.matrix_alignment(self)}
+
     def fit(self, train_loader, epochs: int, val_loader=None, checkpoint_dir=None, progress: bool = False,
             resume: bool = False) -> list[dict]:
         """Train for ``epochs`` epochs (in total, counting resumed ones); returns the history.
 
         Each epoch appends ``{"epoch", "train_loss", "train_acc", "val_loss", "val_acc",
-        "val_top5", "time_s", "ranks", "ortho", "cut"}``. With ``checkpoint_dir``, writes
+        "val_top5", "time_s", "ranks", "ortho", "cut", "peak_mem", "params", "flops",
+        "grad_angle", "matrix_angle"}`` (see :meth:`epoch_metrics`; ``peak_mem`` is ``None``
+        unless ``measure_memory``, ``grad_angle`` empty unless ``align_every``). With
+        ``checkpoint_dir``, writes
         ``latest.pt`` after every epoch and ``best.pt`` when the validation accuracy improves;
         ``resume=True`` continues from ``latest.pt`` there (same numbers as an uninterrupted run
         on the CPU). A non-finite loss stops the run with ``FloatingPointError`` and leaves the
@@ -818,18 +1021,30 @@ class Trainer:
                 batches = tqdm(train_loader, desc=f"{self.method} epoch {self.epoch + 1}/{epochs}",
                                leave=False)
             loss_sum = acc_sum = count = 0.0
+            x_shape, peak, self._angles = None, None, []
             for x, y in batches:
-                stats = self.step(x, y)
+                if x_shape is None:
+                    x_shape = tuple(x.shape)
+                    if self.measure_memory:
+                        from .metrics import peak_bytes
+
+                        stats = {}
+                        peak = peak_bytes(lambda x=x, y=y, o=stats: o.update(self.step(x, y)), self.device)
+                    else:
+                        stats = self.step(x, y)
+                else:
+                    stats = self.step(x, y)
                 loss_sum += stats["loss"] * stats["n"]
                 acc_sum += stats["acc"] * stats["n"]
                 count += stats["n"]
+            costs = self.epoch_metrics(x_shape)  # at this epoch's ranks, before a cut
             cut = self.end_epoch()
             val = self.evaluate(val_loader) if val_loader is not None else {}
             row = {"epoch": self.epoch, "train_loss": loss_sum / max(count, 1),
                    "train_acc": acc_sum / max(count, 1),
                    "val_loss": val.get("loss"), "val_acc": val.get("acc"), "val_top5": val.get("top5"),
                    "time_s": time.perf_counter() - start, "ranks": self.ranks(), "ortho": self.ortho_errors(),
-                   "cut": cut}
+                   "cut": cut, "peak_mem": peak, **costs}
             self.history.append(row)
             if progress:
                 msg = f"{self.method} epoch {self.epoch}/{epochs}: train loss {row['train_loss']:.4f}"
