@@ -1,9 +1,17 @@
-"""Command line: ``python -m ssa train --model mlp --dataset digits --method ssa,bp --out runs/x``.
+"""Command line: ``python -m ssa train …`` and ``python -m ssa compare --config configs/<name>.yaml``.
 
-Trains each method on the same data and seed, prints a comparison table and writes into
-``--out``: ``config.yaml``, ``results.json``, ``history.csv``, the plots ``curves.png``,
-``ranks.png``, ``ortho.png``, and per method the checkpoints ``<method>/latest.pt`` and
-``<method>/best.pt``.
+``train --model mlp --dataset digits --method ssa,bp --out runs/x`` trains each method on the
+same data and seed, prints a comparison table and writes into ``--out``: ``config.yaml``,
+``results.json``, ``history.csv``, the plots ``curves.png``, ``ranks.png``, ``ortho.png``, and
+per method the checkpoints ``<method>/latest.pt`` and ``<method>/best.pt``.
+
+``compare --config PATH [--out DIR] [--ablation | --sweep] [--seeds 0,1] [--epochs N]
+[--methods a,b] [--data-root DIR] [--device D] [--quiet] [--tensorboard DIR]`` runs the
+methods × seeds of a YAML config (:mod:`ssa.compare`: schema, outputs), the ablation or the
+coefficient sweep, prints the table and writes it with results, history and plots into
+``--out`` (default ``runs/<config name>``, ``runs/<name>-ablation``, ``runs/<name>-sweep``).
+The options override the config's fields; a bad config exits with code 2 before anything is
+written.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from .loss import LossConfig
 from .schedule import RankSchedule
 from .trainer import METHODS, Trainer
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "compare"]
 
 
 def _methods(text: str) -> list[str]:
@@ -46,6 +54,16 @@ def _milestones(text: str) -> list[int]:
     return out
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        out = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {text!r}") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"expected at least one seed, got {text!r}")
+    return out
+
+
 def _positive(kind):
     def parse(text: str):
         value = kind(text)
@@ -56,7 +74,7 @@ def _positive(kind):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``python -m ssa`` parser (subcommand ``train``); bad values exit with code 2."""
+    """The ``python -m ssa`` parser (subcommands ``train``, ``compare``); bad values exit with code 2."""
     parser = argparse.ArgumentParser(prog="python -m ssa", description="SVD-Space Alignment training")
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train one or more methods and compare them",
@@ -89,6 +107,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue each method from <out>/<method>/latest.pt")
     t.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
     t.add_argument("--quiet", action="store_true", help="no progress bars")
+    c = sub.add_parser("compare", help="methods × seeds table of a YAML config, an ablation or a sweep",
+                       description="Train the methods × seeds of a YAML config (see configs/ and "
+                                   "ssa.compare) and write the table, results, history and plots.")
+    c.add_argument("--config", required=True, help="YAML config, e.g. configs/digits_mlp.yaml")
+    c.add_argument("--out", default=None, help="output folder (default runs/<config name>[-ablation|-sweep])")
+    mode = c.add_mutually_exclusive_group()
+    mode.add_argument("--ablation", action="store_true", help="drop each SSA loss term in turn (Table 3)")
+    mode.add_argument("--sweep", action="store_true", help="vary the config's sweep coefficient")
+    c.add_argument("--seeds", type=_seeds, default=None, help="comma-separated seeds (overrides seeds)")
+    c.add_argument("--epochs", type=_positive(int), default=None, help="overrides epochs")
+    c.add_argument("--methods", type=_methods, default=None, help="comma-separated (overrides methods)")
+    c.add_argument("--data-root", default=None, help="overrides data_root (local CIFAR / image folder)")
+    c.add_argument("--device", default=None, help="overrides device")
+    c.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
+    c.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
+    c.add_argument("--tensorboard", metavar="DIR", default=None,
+                   help="also write per-epoch scalars for TensorBoard into DIR (needs tensorboard)")
     return parser
 
 
@@ -166,6 +201,30 @@ def train(args: argparse.Namespace) -> list[dict]:
     return results
 
 
+def compare(args: argparse.Namespace, parser: argparse.ArgumentParser | None = None) -> dict:
+    """Run ``python -m ssa compare``: validate (a usage error, code 2), then :func:`ssa.compare.run`."""
+    from . import compare as cmp
+
+    parser = parser or build_parser()
+    mode = "ablation" if args.ablation else "sweep" if args.sweep else "compare"
+    overrides = {key: value for key, value in (("seeds", args.seeds), ("epochs", args.epochs),
+                                               ("methods", args.methods), ("data_root", args.data_root),
+                                               ("device", args.device)) if value is not None}
+    try:  # everything that can be checked is, before anything is written
+        config = cmp.load_config(args.config, overrides)
+        plan = cmp.variants(config, mode)
+        cmp.check_runtime(config, plan)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(f"{args.config}: {err}")
+    if args.tensorboard:
+        try:
+            cmp.tensorboard_writer()
+        except ImportError:
+            parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
+    out = args.out or os.path.join("runs", config["name"] + ("" if mode == "compare" else f"-{mode}"))
+    return cmp.run(config, out, mode=mode, quiet=args.quiet, tensorboard=args.tensorboard, plots=args.plots)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m ssa`` and the ``ssa`` script; returns 0 (argument errors exit 2)."""
     args = build_parser().parse_args(argv)
@@ -177,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as err:
             build_parser().error(str(err))
         train(args)
+    elif args.command == "compare":
+        compare(args)
     return 0
 
 

@@ -51,7 +51,9 @@ def test_resume_runs_only_the_missing_epochs(tmp_path, capsys):
                                   ["train", "--dataset", "imagenet42"], ["train", "--epochs", "0"],
                                   ["train", "--method", "ssa,ssa"], ["fly"],
                                   ["train", "--lr-milestones", "0"], ["train", "--lr-milestones", "ten"],
-                                  ["train", "--lr-gamma", "-1"]])
+                                  ["train", "--lr-gamma", "-1"], ["compare"],
+                                  ["compare", "--config", "configs/digits_mlp.yaml", "--epochs", "0"],
+                                  ["compare", "--config", "configs/digits_mlp.yaml", "--seeds", "x"]])
 def test_bad_arguments_exit_with_code_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         ssa.cli.main(argv)

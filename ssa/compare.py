@@ -1,0 +1,807 @@
+"""Method comparisons from a YAML config: ``python -m ssa compare --config configs/digits_mlp.yaml``.
+
+Three modes, each training every (variant, seed) on the same data:
+
+* ``compare`` (default) — one variant per entry of ``methods``: the shape of the paper's
+  Table 1 (test accuracy mean ± std over seeds, parameters, ranks, training FLOPs per
+  iteration, peak memory, wall time; DESIGN §10).
+* ``ablation`` — SSA with each loss term dropped in turn (its coefficient set to 0, DESIGN §6)
+  and without the rank schedule (§8): the paper's Table 3. Variants ``ssa (full)``,
+  ``− align``, ``− ortho``, ``− cos`` / ``− hoyer`` (only where that term is on),
+  ``− rank schedule`` (only where the schedule is on).
+* ``sweep`` — one SSA run per value of one loss coefficient (the supplement's sensitivity
+  figure), plus ``sweep.png``.
+
+Config schema (YAML mapping; every field optional, defaults below; unknown keys, wrong types
+and bad values raise ``ValueError("config field '<field>': …")`` naming the field, nested
+fields as ``loss.align`` or ``overrides.ssa.lr``):
+
+=================  ====================================================================
+``name``           run name, default the file's stem (``"run"`` for a mapping); the CLI's
+                   default output folder is ``runs/<name>``
+``description``    free text (kept in ``config.yaml``)
+``dataset``        one of :func:`ssa.data.available` (``digits``)
+``data_root``      local folder of cifar10/cifar100/imagefolder (required for those;
+                   checked by :func:`check_runtime`, never downloaded), ``~`` expanded
+``augment``        random crop (4-pixel padding) + flip of the file datasets (``false``)
+``model``          one of :func:`ssa.models.available` (``mlp``)
+``model_kwargs``   keyword arguments of the model function, e.g. ``{hidden: [64, 64]}`` (``{}``)
+``methods``        list of :data:`ssa.trainer.METHODS`, no repeats (``[ssa, bp]``)
+``seeds``          list of distinct ints >= 0 (``[0]``); each seed seeds the data split and
+                   shuffle and every method's initialisation
+``epochs``         int >= 1 (``30``)
+``batch_size``     int >= 1 (``64``)
+``optimizer``      ``adam`` | ``adamw`` | ``sgd`` (``adam``)
+``lr``             number > 0 (``1e-3``; a YAML string such as ``1e-3`` is read as a number)
+``lr_milestones``  increasing epochs >= 1 after which the lr is multiplied by ``lr_gamma`` (``[]``)
+``lr_gamma``       number > 0 (``0.1``)
+``rank``           initial rank of SSA layers, int >= 1 or ``null`` (full) (``null``)
+``loss``           :class:`ssa.loss.LossConfig`: a preset name (``default``, ``v1``, ``v2``) or a
+                   mapping of its fields, optionally with ``preset:`` as the starting point
+                   (``default``); stored as the full mapping
+``schedule``       ``false`` or a mapping of :class:`ssa.schedule.RankSchedule` options
+                   (``interval``, ``zeta``, ``energy``, ``min_fraction``, ``start_epoch``,
+                   ``cap``, ``include_output``; ``total_epochs`` is ``epochs``); ``true`` means
+                   the defaults; ``ssa`` only (``{interval: 10}``)
+``memory``         ``store`` | ``recompute`` (``store``)
+``reorth_every``   int >= 1 or ``null`` (``null``)
+``backend``        ``auto`` | ``reference`` | ``cpu`` | ``cuda`` | ``triton`` (``auto``)
+``device``         a torch device string (``cpu``)
+``align_every``    measure the gradient alignment angle every this many steps, or ``null``
+``measure_memory`` record the peak memory of a training step (``false``)
+``sgr_lambda``     reconciliation weight of ``sgr``, number >= 0 or ``null`` (trainer default)
+``overrides``      per-method settings, ``{method: {field: value}}`` for the fields ``epochs``,
+                   ``optimizer``, ``lr``, ``lr_milestones``, ``lr_gamma``, ``rank``, ``loss`` (a
+                   mapping without ``preset`` changes the top-level loss), ``schedule`` (a
+                   mapping changes the top-level schedule), ``memory``, ``reorth_every``,
+                   ``backend``, ``align_every``, ``measure_memory``, ``sgr_lambda``
+``ablation``       terms dropped by ``--ablation``, among ``align``, ``ortho``, ``cos``, ``hoyer``,
+                   ``schedule``; ``null``: every term that is on for ``ssa`` (``null``)
+``sweep``          ``{field: <LossConfig coefficient>, values: [numbers >= 0]}`` for ``--sweep``
+=================  ====================================================================
+
+Outputs of :func:`run` in ``out``: ``config.yaml`` (the validated config, loadable again),
+``results.json`` (per variant: settings, a summary and per seed the final and best test
+top-1/top-5, parameters, ranks, training FLOPs per iteration, peak memory, wall time and the
+history; rewritten after every finished run), ``history.csv`` (one row per variant, seed and
+epoch, every per-epoch scalar; dict entries flattened as ``rank/<layer>``, ``flops/total``,
+``grad_angle/<layer>``…), ``table.md`` (also printed) and the PNG plots of
+:mod:`ssa.plots`. Means ± sample standard deviations (n − 1; 0 for one seed) over seeds.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import statistics
+import time
+
+import torch
+
+from . import data, models
+from . import trainer as _trainer
+from .loss import LossConfig
+from .schedule import RankSchedule
+
+__all__ = ["MODES", "ABLATION_TERMS", "SWEEP_FIELDS", "OVERRIDABLE", "load_config", "read_config",
+           "variants", "check_runtime", "run", "format_table", "tensorboard_writer", "replot", "cost_figure"]
+
+MODES = ("compare", "ablation", "sweep")
+ABLATION_TERMS = ("align", "ortho", "cos", "hoyer", "schedule")
+LOSS_NUMBERS = tuple(f.name for f in dataclasses.fields(LossConfig) if f.type in ("float", float))
+SWEEP_FIELDS = LOSS_NUMBERS
+PRESETS = ("default", "v1", "v2")
+BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
+OVERRIDABLE = ("epochs", "optimizer", "lr", "lr_milestones", "lr_gamma", "rank", "loss", "schedule", "memory",
+               "reorth_every", "backend", "align_every", "measure_memory", "sgr_lambda")
+_SCHEDULE_FIELDS = {f.name: f.type for f in dataclasses.fields(RankSchedule) if f.name != "total_epochs"}
+_ABLATION_LABEL = {"align": "− align", "ortho": "− ortho", "cos": "− cos", "hoyer": "− hoyer",
+                   "schedule": "− rank schedule"}
+
+
+# ---------------------------------------------------------------------------- field validators
+def _bad(field: str, expected: str, value) -> ValueError:
+    return ValueError(f"config field {field!r}: expected {expected}, got {value!r}")
+
+
+def _int(field, value, lo=None, none=False):
+    if value is None and none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or (lo is not None and value < lo):
+        expected = "an int" if lo is None else f"an int >= {lo}"
+        raise _bad(field, expected + (" or null" if none else ""), value)
+    return value
+
+
+def _float(field, value, lo=0.0, positive=False, none=False):
+    if value is None and none:
+        return None
+    number = value
+    if isinstance(value, str):  # YAML 1.1 reads ``1e-3`` (no dot) as a string
+        try:
+            number = float(value)
+        except ValueError:
+            number = None
+    ok = (not isinstance(number, bool) and isinstance(number, (int, float)) and math.isfinite(number)
+          and (number > lo if positive else number >= lo))
+    if not ok:
+        expected = f"a number {'>' if positive else '>='} {lo:g}"
+        raise _bad(field, expected + (" or null" if none else ""), value)
+    return float(number)
+
+
+def _bool(field, value):
+    if not isinstance(value, bool):
+        raise _bad(field, "true or false", value)
+    return value
+
+
+def _choice(field, value, choices):
+    if not isinstance(value, str) or value not in choices:
+        raise _bad(field, f"one of {', '.join(choices)}", value)
+    return value
+
+
+def _str(field, value, none=False):
+    if value is None and none:
+        return None
+    if not isinstance(value, str) or not value:
+        raise _bad(field, "a non-empty string" + (" or null" if none else ""), value)
+    return value
+
+
+def _mapping(field, value, expected="a mapping"):
+    if not isinstance(value, dict):
+        raise _bad(field, expected, value)
+    for key in value:
+        if not isinstance(key, str):
+            raise _bad(field, f"{expected} with string keys", value)
+    return value
+
+
+def _unknown(field, value: dict, allowed) -> None:
+    for key in value:
+        if key not in allowed:
+            where = f"{field}.{key}" if field else key
+            raise ValueError(f"config field {where!r}: unknown field; known: {', '.join(allowed)}")
+
+
+def _name(field, value):
+    value = _str(field, value)
+    if value in (".", "..") or re.search(r"[/\\\x00]", value):
+        raise _bad(field, "a name without path separators", value)
+    return value
+
+
+def _methods(field, value):
+    known = _trainer.METHODS
+    if not isinstance(value, list) or not value:
+        raise _bad(field, f"a non-empty list of methods among {', '.join(known)}", value)
+    for i, m in enumerate(value):
+        if m not in known:
+            raise _bad(f"{field}[{i}]", f"a method among {', '.join(known)}", m)
+    if len(set(value)) != len(value):
+        raise _bad(field, "a list without repeats", value)
+    return list(value)
+
+
+def _seeds(field, value):
+    if not isinstance(value, list) or not value:
+        raise _bad(field, "a non-empty list of ints >= 0", value)
+    for i, s in enumerate(value):
+        _int(f"{field}[{i}]", s, lo=0)
+    if len(set(value)) != len(value):
+        raise _bad(field, "a list without repeats", value)
+    return list(value)
+
+
+def _milestones(field, value):
+    if not isinstance(value, list):
+        raise _bad(field, "a list of increasing epochs >= 1", value)
+    for i, m in enumerate(value):
+        _int(f"{field}[{i}]", m, lo=1)
+    if any(b <= a for a, b in zip(value, value[1:])):
+        raise _bad(field, "a list of increasing epochs >= 1", value)
+    return list(value)
+
+
+def _device(field, value):
+    _str(field, value)
+    try:
+        torch.device(value)
+    except (RuntimeError, ValueError):
+        raise _bad(field, "a torch device such as cpu, cuda or cuda:1", value) from None
+    return value
+
+
+def _data_root(field, value):
+    value = _str(field, value, none=True)
+    return None if value is None else os.path.expanduser(value)
+
+
+def _class_error(field: str, err: Exception) -> ValueError:
+    """A LossConfig / RankSchedule error (``"Cls: name must …"``) as a config error naming the field."""
+    match = re.match(r"\w+: (\w+) ", str(err))
+    sub = match.group(1) if match else None
+    where = "epochs" if sub == "total_epochs" else f"{field}.{sub}" if sub else field
+    message = str(err).split(": ", 1)[-1].replace("total_epochs", "epochs")
+    return ValueError(f"config field {where!r}: {message}")
+
+
+def _loss(field, value, base: dict | None = None) -> dict:
+    """A preset name or a mapping → the full LossConfig field mapping."""
+    if isinstance(value, str):
+        value = {"preset": value}
+    _mapping(field, value, f"a preset name ({', '.join(PRESETS)}) or a mapping of LossConfig fields")
+    names = [f.name for f in dataclasses.fields(LossConfig)]
+    _unknown(field, value, ["preset", *names])
+    if "preset" in value:
+        start = LossConfig.preset(_choice(f"{field}.preset", value["preset"], PRESETS)).to_dict()
+    else:
+        start = dict(base) if base is not None else LossConfig().to_dict()
+    for key, v in value.items():
+        if key in LOSS_NUMBERS:
+            start[key] = _float(f"{field}.{key}", v)
+        elif key != "preset":
+            start[key] = v
+    try:
+        return LossConfig(**start).to_dict()
+    except (TypeError, ValueError) as err:
+        raise _class_error(field, err) from None
+
+
+def _schedule(field, value, epochs: int, base: dict | bool | None = None):
+    """``false``/``null`` → ``False``; ``true`` or a mapping → every RankSchedule option but total_epochs."""
+    if value is None or value is False:
+        return False
+    if value is True:
+        value = {}
+    _mapping(field, value, "false or a mapping of RankSchedule options")
+    _unknown(field, value, list(_SCHEDULE_FIELDS))
+    options = dict(base) if isinstance(base, dict) else {}
+    for key, v in value.items():
+        kind = _SCHEDULE_FIELDS[key]
+        if kind in ("int", int):
+            options[key] = _int(f"{field}.{key}", v, lo=0)
+        elif kind in ("bool", bool):
+            options[key] = _bool(f"{field}.{key}", v)
+        else:
+            options[key] = _float(f"{field}.{key}", v, positive=True)
+    try:
+        schedule = RankSchedule(epochs, **options)
+    except (TypeError, ValueError) as err:
+        raise _class_error(field, err) from None
+    return {k: v for k, v in schedule.to_dict().items() if k != "total_epochs"}
+
+
+def _model_kwargs(field, value, model: str):
+    _mapping(field, value)
+    fn = getattr(models, model, None)
+    if callable(fn):
+        params = [p for p in list(inspect.signature(fn).parameters)[2:]]
+        _unknown(field, value, params)
+    return dict(value)
+
+
+def _sweep(field, value):
+    if value is None:
+        return None
+    _mapping(field, value, "null or a mapping {field: <loss coefficient>, values: [...]}")
+    _unknown(field, value, ["field", "values"])
+    if "field" not in value or "values" not in value:
+        raise _bad(field, "a mapping with keys field and values", value)
+    name = _choice(f"{field}.field", value["field"], SWEEP_FIELDS)
+    values = value["values"]
+    if not isinstance(values, list) or not values:
+        raise _bad(f"{field}.values", "a non-empty list of numbers >= 0", values)
+    values = [_float(f"{field}.values[{i}]", v) for i, v in enumerate(values)]
+    if len(set(values)) != len(values):
+        raise _bad(f"{field}.values", "a list without repeats", value["values"])
+    return {"field": name, "values": values}
+
+
+def _ablation(field, value):
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise _bad(field, f"null or a non-empty list among {', '.join(ABLATION_TERMS)}", value)
+    for i, term in enumerate(value):
+        _choice(f"{field}[{i}]", term, ABLATION_TERMS)
+    if len(set(value)) != len(value):
+        raise _bad(field, "a list without repeats", value)
+    return list(value)
+
+
+# ---------------------------------------------------------------------------- the schema
+def _defaults() -> dict:
+    return {
+        "name": "run", "description": None, "dataset": "digits", "data_root": None, "augment": False,
+        "model": "mlp", "model_kwargs": {}, "methods": ["ssa", "bp"], "seeds": [0], "epochs": 30,
+        "batch_size": 64, "optimizer": "adam", "lr": 1e-3, "lr_milestones": [], "lr_gamma": 0.1, "rank": None,
+        "loss": "default", "schedule": {"interval": 10}, "memory": "store", "reorth_every": None,
+        "backend": "auto", "device": "cpu", "align_every": None, "measure_memory": False, "sgr_lambda": None,
+        "overrides": {}, "ablation": None, "sweep": None,
+    }
+
+
+def _validator(key: str):
+    """The validator ``(field, value) -> value`` of a plain overridable field."""
+    optimizers = getattr(_trainer, "OPTIMIZERS", ("adam", "adamw", "sgd"))
+    memory_modes = getattr(_trainer, "MEMORY_MODES", ("store", "recompute"))
+    validators = {
+        "epochs": lambda f, v: _int(f, v, lo=1),
+        "optimizer": lambda f, v: _choice(f, v, optimizers),
+        "lr": lambda f, v: _float(f, v, positive=True),
+        "lr_milestones": _milestones,
+        "lr_gamma": lambda f, v: _float(f, v, positive=True),
+        "rank": lambda f, v: _int(f, v, lo=1, none=True),
+        "memory": lambda f, v: _choice(f, v, memory_modes),
+        "reorth_every": lambda f, v: _int(f, v, lo=1, none=True),
+        "backend": lambda f, v: _choice(f, v, BACKENDS),
+        "align_every": lambda f, v: _int(f, v, lo=1, none=True),
+        "measure_memory": _bool,
+        "sgr_lambda": lambda f, v: _float(f, v, none=True),
+    }
+    return validators[key]
+
+
+def read_config(path) -> dict:
+    """The raw mapping of a YAML config file (``FileNotFoundError``; ``ValueError`` if not a mapping)."""
+    import yaml
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"config file {path!r} not found")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path!r} is not valid YAML: {err}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {path!r}: expected a mapping of fields, got {type(raw).__name__}")
+    return raw
+
+
+def load_config(source, overrides: dict | None = None) -> dict:
+    """Validate a config (a YAML path or a mapping) and fill in the defaults; see the module docstring.
+
+    ``overrides`` replace top-level fields before validation (the CLI's ``--epochs``, ``--seeds``…).
+    Raises ``ValueError`` naming the field, ``FileNotFoundError`` for a missing file. The result
+    validates again to itself (it is what ``config.yaml`` holds).
+    """
+    if isinstance(source, (str, os.PathLike)):
+        raw = read_config(source)
+        stem = os.path.splitext(os.path.basename(os.fspath(source)))[0]
+    else:
+        if not isinstance(source, dict):
+            raise TypeError(f"load_config: expected a path or a mapping, got {type(source).__name__}")
+        raw, stem = copy.deepcopy(source), "run"
+    raw = {**raw, **(overrides or {})}
+    for key in raw:
+        if not isinstance(key, str):
+            raise ValueError(f"config field {key!r}: field names must be strings")
+    defaults = _defaults()
+    _unknown("", raw, list(defaults))
+    c = {**defaults, "name": stem, **raw}
+    out: dict = {}
+    out["name"] = _name("name", c["name"])
+    out["description"] = _str("description", c["description"], none=True)
+    out["dataset"] = _choice("dataset", c["dataset"], data.available())
+    out["data_root"] = _data_root("data_root", c["data_root"])
+    out["augment"] = _bool("augment", c["augment"])
+    if out["augment"] and out["dataset"] == "digits":
+        raise ValueError("config field 'augment': dataset 'digits' has no augmentation (set augment: false)")
+    out["model"] = _choice("model", c["model"], models.available())
+    out["model_kwargs"] = _model_kwargs("model_kwargs", c["model_kwargs"], out["model"])
+    out["methods"] = _methods("methods", c["methods"])
+    out["seeds"] = _seeds("seeds", c["seeds"])
+    out["epochs"] = _validator("epochs")("epochs", c["epochs"])
+    out["batch_size"] = _int("batch_size", c["batch_size"], lo=1)
+    for key in ("optimizer", "lr", "lr_milestones", "lr_gamma", "rank"):
+        out[key] = _validator(key)(key, c[key])
+    out["loss"] = _loss("loss", c["loss"])
+    out["schedule"] = _schedule("schedule", c["schedule"], out["epochs"])
+    for key in ("memory", "reorth_every", "backend"):
+        out[key] = _validator(key)(key, c[key])
+    out["device"] = _device("device", c["device"])
+    for key in ("align_every", "measure_memory", "sgr_lambda"):
+        out[key] = _validator(key)(key, c[key])
+    out["overrides"] = _overrides("overrides", c["overrides"], out)
+    out["ablation"] = _ablation("ablation", c["ablation"])
+    out["sweep"] = _sweep("sweep", c["sweep"])
+    return out
+
+
+def _overrides(field, value, config: dict) -> dict:
+    _mapping(field, value, "a mapping {method: {field: value}}")
+    out = {}
+    for method, fields in value.items():
+        where = f"{field}.{method}"
+        if method not in _trainer.METHODS:
+            raise ValueError(f"config field {where!r}: unknown method; known: {', '.join(_trainer.METHODS)}")
+        _mapping(where, fields, f"a mapping of fields among {', '.join(OVERRIDABLE)}")
+        for key in fields:
+            if key not in OVERRIDABLE:
+                raise ValueError(f"config field '{where}.{key}': not overridable per method; "
+                                 f"overridable: {', '.join(OVERRIDABLE)}")
+        done = {}
+        for key in OVERRIDABLE:  # schema order: ``schedule`` is checked against the method's ``epochs``
+            if key not in fields:
+                continue
+            if key == "loss":
+                done[key] = _loss(f"{where}.loss", fields[key], base=config["loss"])
+            elif key == "schedule":
+                epochs = done.get("epochs", config["epochs"])
+                done[key] = _schedule(f"{where}.schedule", fields[key], epochs, base=config["schedule"])
+            else:
+                done[key] = _validator(key)(f"{where}.{key}", fields[key])
+        if "epochs" in done and "schedule" not in done and config["schedule"]:
+            try:  # the top-level schedule must fit the method's epochs
+                RankSchedule(done["epochs"], **config["schedule"])
+            except ValueError as err:
+                raise ValueError(f"config field '{where}.epochs': {str(err).split(': ', 1)[-1]}") from None
+        out[method] = done
+    return out
+
+
+# ---------------------------------------------------------------------------- variants
+def settings(config: dict, method: str) -> dict:
+    """The overridable fields for ``method``: the top level with ``overrides[method]`` applied."""
+    s = {k: copy.deepcopy(config[k]) for k in OVERRIDABLE}
+    s.update(copy.deepcopy(config["overrides"].get(method, {})))
+    return s
+
+
+def variants(config: dict, mode: str = "compare") -> list[dict]:
+    """The variants a mode trains: ``[{"name", "method", "settings", ("value")}]``.
+
+    Raises ``ValueError`` naming the field when the config does not allow the mode (no
+    ``sweep:`` for ``sweep``; an ablation term that is already off).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode == "compare":
+        return [{"name": m, "method": m, "settings": settings(config, m)} for m in config["methods"]]
+    base = settings(config, "ssa")
+    if mode == "sweep":
+        sweep = config["sweep"]
+        if sweep is None:
+            raise ValueError("config field 'sweep': required by the sweep mode, e.g. "
+                             "sweep: {field: align, values: [0.001, 0.01, 0.1]}")
+        out = []
+        for value in sweep["values"]:
+            s = copy.deepcopy(base)
+            s["loss"] = _loss("sweep.values", {sweep["field"]: value}, base=s["loss"])
+            out.append({"name": f"{sweep['field']}={value:g}", "method": "ssa", "settings": s,
+                        "value": value})
+        return out
+    on = {t: base["loss"][t] > 0 for t in ("align", "ortho", "cos", "hoyer")}
+    on["schedule"] = bool(base["schedule"])
+    terms = config["ablation"]
+    if terms is None:
+        terms = [t for t in ABLATION_TERMS if on[t] and not (t == "hoyer" and not on["schedule"])]
+    for term in terms:
+        if not on[term]:
+            what = "schedule is false" if term == "schedule" else f"loss.{term} is 0"
+            raise ValueError(f"config field 'ablation': term {term!r} is already off for ssa ({what})")
+    out = [{"name": "ssa (full)", "method": "ssa", "settings": base}]
+    for term in terms:
+        s = copy.deepcopy(base)
+        if term == "schedule":
+            s["schedule"] = False
+        else:
+            s["loss"] = {**s["loss"], term: 0.0}
+        out.append({"name": _ABLATION_LABEL[term], "method": "ssa", "settings": s})
+    return out
+
+
+def check_runtime(config: dict, plan: list[dict] | None = None) -> None:
+    """Checks that need the machine: data present (``data_root``), CUDA device, trainer features.
+
+    Raises ``ValueError`` naming the field; ``run`` and the CLI call it before writing anything.
+    """
+    try:
+        data.check(config["dataset"], config["data_root"], config["augment"])
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"config field 'data_root': {err}") from None
+    if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"config field 'device': {config['device']!r} but no CUDA device is available")
+    accepted = inspect.signature(_trainer.Trainer).parameters
+    for v in plan if plan is not None else variants(config):
+        for key, value in _optional_kwargs(v["method"], v["settings"]).items():
+            if key not in accepted:
+                raise ValueError(f"config field {key!r}: set to {value!r}, but this ssa.Trainer has no "
+                                 f"{key!r} argument")
+
+
+def _optional_kwargs(method: str, s: dict) -> dict:
+    """Trainer arguments newer than the first trainer: passed only when set (older trainers lack them)."""
+    kw = {}
+    if s["align_every"] is not None:
+        kw["align_every"] = s["align_every"]
+    if s["measure_memory"]:
+        kw["measure_memory"] = True
+    if method == "sgr" and s["sgr_lambda"] is not None:
+        kw["sgr_lambda"] = s["sgr_lambda"]
+    return kw
+
+
+def _make_trainer(model, classes: int, method: str, s: dict, seed: int, device: str):
+    schedule = RankSchedule(s["epochs"], **s["schedule"]) if method == "ssa" and s["schedule"] else None
+    return _trainer.Trainer(model, classes, method=method, loss=LossConfig(**s["loss"]),
+                            optimizer=s["optimizer"], lr=s["lr"], schedule=schedule, memory=s["memory"],
+                            reorth_every=s["reorth_every"],
+                            seed=seed, rank=s["rank"], backend=s["backend"], device=device,
+                            lr_milestones=s["lr_milestones"], lr_gamma=s["lr_gamma"],
+                            **_optional_kwargs(method, s))
+
+
+# ---------------------------------------------------------------------------- results
+def _number(x) -> bool:
+    return not isinstance(x, bool) and isinstance(x, (int, float))
+
+
+def _run_result(seed: int, trainer, hist: list[dict], final: dict, wall: float) -> dict:
+    flops = hist[-1].get("flops") if hist else None
+    peaks = [h["peak_mem"] for h in hist if _number(h.get("peak_mem"))]
+    flops_total = flops.get("total") if isinstance(flops, dict) else flops if _number(flops) else None
+    return {"seed": seed, "test_acc": final["acc"], "test_top5": final["top5"], "test_loss": final["loss"],
+            "best_test_acc": max((h["val_acc"] for h in hist if h.get("val_acc") is not None),
+                                 default=final["acc"]),
+            "params": trainer.param_count(), "ranks": trainer.ranks(), "flops": flops_total,
+            "peak_mem": max(peaks) if peaks else None, "wall_s": wall, "epochs": len(hist),
+            "history": copy.deepcopy(hist)}
+
+
+def _stats(values: list) -> dict | None:
+    values = [v for v in values if _number(v)]
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "n": len(values)}
+
+
+def _summary(runs: list[dict]) -> dict:
+    out = {k: _stats([r[k] for r in runs])
+           for k in ("test_acc", "test_top5", "best_test_acc", "params", "flops", "peak_mem", "wall_s")}
+    layers = list(dict.fromkeys(n for r in runs for n in r["ranks"]))
+    out["ranks"] = {n: statistics.fmean(r["ranks"][n] for r in runs if n in r["ranks"]) for n in layers}
+    return out
+
+
+def _flatten(row: dict) -> dict:
+    """Per-epoch scalars of a history row; dict entries as ``<key>/<sub>`` (``ranks`` → ``rank/…``)."""
+    out = {}
+    for key, value in row.items():
+        if isinstance(value, dict):
+            prefix = "rank" if key == "ranks" else key
+            for sub, x in value.items():
+                if x is None or _number(x):
+                    out[f"{prefix}/{sub}"] = x
+        elif value is None or _number(value):
+            out[key] = value
+    return out
+
+
+_HISTORY_HEAD = ["variant", "method", "seed", "epoch", "train_loss", "train_acc", "val_loss", "val_acc",
+                 "val_top5", "time_s"]
+
+
+def _write_history(path: str, results: list[dict]) -> None:
+    rows = [(v["variant"], v["method"], r["seed"], _flatten(h)) for v in results for r in v["runs"]
+            for h in r["history"]]
+    # First-appearance order (model order of layers), grouped by prefix, after the fixed head.
+    groups: dict[str, dict[str, None]] = {"": {}}  # plain scalars first, then rank/…, flops/…
+    for *_, flat in rows:
+        for key in flat:
+            if key not in _HISTORY_HEAD:
+                groups.setdefault(key.split("/", 1)[0] if "/" in key else "", {})[key] = None
+    cols = _HISTORY_HEAD + [k for g in groups.values() for k in g]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for variant, method, seed, flat in rows:
+            cells = [variant, method, seed] + [flat.get(c) for c in cols[3:]]
+            w.writerow(["" if c is None else c for c in cells])
+    os.replace(tmp, path)
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- the table
+def _unit(values: list[float], units: list[tuple[str, float]]) -> tuple[str, float]:
+    peak = max((abs(v) for v in values), default=0.0)
+    chosen = units[0]
+    for name, scale in units:
+        if peak >= scale:
+            chosen = (name, scale)
+    return chosen
+
+
+def _pm(stat: dict | None, scale: float = 1.0, digits: int | None = 2) -> str:
+    if stat is None:
+        return "—"
+    if digits is None:  # wall times: 0.42 s, 12.3 s, 1234 s
+        mean = abs(stat["mean"] / scale)
+        digits = 2 if mean < 10 else 1 if mean < 1000 else 0
+    return f"{stat['mean'] / scale:.{digits}f} ± {stat['std'] / scale:.{digits}f}"
+
+
+def _ranks(ranks: dict) -> str:
+    if not ranks:
+        return "dense"
+    return "/".join(f"{r:.0f}" if float(r).is_integer() else f"{r:.1f}" for r in ranks.values())
+
+
+def format_table(results: dict) -> str:
+    """The markdown table of :func:`run`'s results (rows = variants; top-1/top-5 in %, mean ± std)."""
+    rows = results["variants"]
+    flops_unit = _unit([v["summary"]["flops"]["mean"] for v in rows if v["summary"]["flops"]],
+                       [("MFLOP", 1e6), ("GFLOP", 1e9), ("TFLOP", 1e12)])
+    head = ["variant", "top-1 (%)", "top-5 (%)", "params", "ranks", f"train {flops_unit[0]}/iter",
+            "peak mem (MiB)", "wall (s)"]
+    body = []
+    for v in rows:
+        s = v["summary"]
+        body.append([v["variant"], _pm(s["test_acc"], 0.01), _pm(s["test_top5"], 0.01),
+                     f"{s['params']['mean']:,.0f}" if s["params"] else "—", _ranks(s["ranks"]),
+                     f"{s['flops']['mean'] / flops_unit[1]:,.2f}" if s["flops"] else "—",
+                     f"{s['peak_mem']['mean'] / 2**20:,.1f}" if s["peak_mem"] else "—",
+                     _pm(s["wall_s"], 1.0, None)])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    config = results["config"]
+    title = (f"{config['name']} ({results['mode']}): {config['model']} on {config['dataset']}, "
+             f"{config['epochs']} epochs, seeds {', '.join(map(str, config['seeds']))}; "
+             f"test accuracy mean ± std over seeds")
+    return "\n".join([title, "", line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+# ---------------------------------------------------------------------------- running
+def tensorboard_writer():
+    """``torch.utils.tensorboard.SummaryWriter``; ``ImportError`` without the ``tensorboard`` package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except (ImportError, ModuleNotFoundError) as err:
+        raise ImportError("TensorBoard logging needs the tensorboard package: "
+                          "pip install tensorboard") from err
+    return SummaryWriter
+
+
+def _log_tensorboard(writer_cls, folder: str, hist: list[dict]) -> None:
+    writer = writer_cls(log_dir=folder)
+    try:
+        for row in hist:
+            step = row.get("epoch")
+            for tag, value in _flatten(row).items():
+                if tag != "epoch" and value is not None:
+                    writer.add_scalar(tag, value, step)
+    finally:
+        writer.close()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=-]+", "_", name.replace("−", "no")).strip("_") or "variant"
+
+
+def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard: str | None = None,
+        plots: bool = True) -> dict:
+    """Train every (variant, seed) of ``mode`` and write the outputs (module docstring) into ``out``.
+
+    ``config``: a path, a raw mapping or a validated config. Per seed the data loaders are built
+    once; before every variant ``torch.manual_seed(seed)`` and the loader's shuffle generator are
+    reset, so every variant starts from the same initialisation and sees the same batches.
+    ``quiet``: no progress bars or per-run lines (the table is printed anyway). ``tensorboard``:
+    a folder for per-epoch scalars (``<folder>/<variant>/seed<k>``). Returns the dict written to
+    ``results.json``.
+    """
+    import yaml
+
+    config = load_config(config)
+    plan = variants(config, mode)
+    check_runtime(config, plan)
+    writer_cls = tensorboard_writer() if tensorboard else None
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False, allow_unicode=True)
+    results = {"name": config["name"], "mode": mode, "config": config,
+               "variants": [{"variant": v["name"], "method": v["method"], "settings": v["settings"],
+                             **({"value": v["value"]} if "value" in v else {}), "runs": [], "summary": None}
+                            for v in plan]}
+    total, done = len(plan) * len(config["seeds"]), 0
+    for seed in config["seeds"]:
+        train_loader, test_loader, classes, in_shape = data.get(config["dataset"], config["batch_size"], seed,
+                                                                  root=config["data_root"],
+                                                                  augment=config["augment"])
+        for v, entry in zip(plan, results["variants"]):
+            s = v["settings"]
+            torch.manual_seed(seed)
+            train_loader.generator.manual_seed(seed)
+            model = models.get(config["model"], classes, in_shape, **config["model_kwargs"])
+            trainer = _make_trainer(model, classes, v["method"], s, seed, config["device"])
+            start = time.perf_counter()
+            hist = trainer.fit(train_loader, s["epochs"], val_loader=test_loader, progress=not quiet)
+            wall = time.perf_counter() - start
+            result = _run_result(seed, trainer, hist, trainer.evaluate(test_loader), wall)
+            entry["runs"].append(result)
+            entry["summary"] = _summary(entry["runs"])
+            done += 1
+            if not quiet:
+                print(f"[{done}/{total}] {v['name']} seed {seed}: test acc {100 * result['test_acc']:.2f} % "
+                      f"({wall:.1f} s)", flush=True)
+            if writer_cls is not None:
+                _log_tensorboard(writer_cls, os.path.join(tensorboard, _safe(v["name"]), f"seed{seed}"), hist)
+            _write_json(os.path.join(out, "results.json"), results)  # partial results survive a crash
+            _write_history(os.path.join(out, "history.csv"), results["variants"])
+            del trainer, model
+    table = format_table(results)
+    with open(os.path.join(out, "table.md"), "w") as f:
+        f.write(table + "\n")
+    written = ["config.yaml", "results.json", "history.csv", "table.md"]
+    if plots:
+        written += [os.path.basename(p) for p in _plots(results, out)]
+    results["files"] = written
+    _write_json(os.path.join(out, "results.json"), results)
+    print(table)
+    print(f"wrote {out}/: {' '.join(written)}")
+    return results
+
+
+def _plots(results: dict, out: str) -> list[str]:
+    from . import plots
+
+    curves = {v["variant"]: [r["history"] for r in v["runs"]] for v in results["variants"]}
+    paths = [plots.accuracy_curves(curves, os.path.join(out, "curves.png")),
+             plots.rank_curves(curves, os.path.join(out, "ranks.png")),
+             plots.angle_curves(curves, os.path.join(out, "grad_angle.png"), key="grad_angle",
+                                ylabel="angle to the BP gradient (°)"),
+             plots.angle_curves(curves, os.path.join(out, "matrix_angle.png"), key="matrix_angle",
+                                ylabel="angle of B to the replaced path (°)")]
+    model = results["config"]["model"]
+    costs = {model: {v["variant"]: {"flops": v["summary"]["flops"], "peak_mem": v["summary"]["peak_mem"]}
+                     for v in results["variants"]}}
+    paths.append(plots.cost_bars(costs, os.path.join(out, "costs.png")))
+    if results["mode"] == "sweep":
+        sweep = results["config"]["sweep"]
+        points = [(v["value"], v["summary"]["test_acc"]) for v in results["variants"]]
+        paths.append(plots.sweep_curve(sweep["field"], points, os.path.join(out, "sweep.png")))
+    return [p for p in paths if p]
+
+
+def replot(out: str) -> list[str]:
+    """Re-draw the plots of a finished (or partial) run from its ``results.json``; returns their paths."""
+    with open(os.path.join(out, "results.json")) as f:
+        return _plots(json.load(f), out)
+
+
+def cost_figure(run_dirs: list[str], path: str) -> str | None:
+    """FLOPs and peak-memory bars of several runs (e.g. one config per model), grouped by model.
+
+    Reads each folder's ``results.json``; runs of the same model are merged (later ones win for
+    a variant both have). Returns the path, or ``None`` when no run has costs.
+    """
+    from . import plots
+
+    costs: dict[str, dict] = {}
+    for folder in run_dirs:
+        with open(os.path.join(folder, "results.json")) as f:
+            results = json.load(f)
+        per = costs.setdefault(results["config"]["model"], {})
+        for v in results["variants"]:
+            if v.get("summary"):
+                per[v["variant"]] = {"flops": v["summary"]["flops"], "peak_mem": v["summary"]["peak_mem"]}
+    return plots.cost_bars(costs, path)
