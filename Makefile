@@ -1,6 +1,7 @@
 # One-command set-up on a fresh machine (see README):
 #   make test    venv + torch + build (CUDA sources compiled where a toolkit is) + ctest + pytest
 #   make demo    the main job: SSA and BP on the embedded digits data, compared (python -m ssa train)
+#   make compare every method x 3 seeds on digits, table + plots (python -m ssa compare, docs/results.md)
 #   make bench   pytest-benchmark over every op and provider available here
 PYTHON_SYS ?= python3
 VENV ?= .venv
@@ -15,7 +16,7 @@ ifeq ($(NO_GPU),1)
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 endif
 
-.PHONY: venv install test pytest ctest bench demo demo-ops lint clean
+.PHONY: venv install test pytest ctest bench demo compare demo-ops lint clean
 
 $(VENV)/.deps: pyproject.toml
 	$(PYTHON_SYS) -m venv $(VENV)
@@ -43,6 +44,9 @@ bench: install
 
 demo: install
 	$(PY) -m ssa train --model mlp --dataset digits --method ssa,bp --epochs 30 --out runs/digits
+
+compare: install
+	$(PY) -m ssa compare --config configs/digits_mlp.yaml --quiet
 
 demo-ops: install
 	$(PY) examples/digits_ssa_ops.py

@@ -212,8 +212,8 @@ def compare(args: argparse.Namespace, parser: argparse.ArgumentParser | None = N
                                                ("device", args.device)) if value is not None}
     try:  # everything that can be checked is, before anything is written
         config = cmp.load_config(args.config, overrides)
-        plan = cmp.variants(config, mode)
-        cmp.check_runtime(config, plan)
+        cmp.variants(config, mode)  # a mode the config does not allow raises here
+        cmp.check_runtime(config)
     except (FileNotFoundError, ValueError) as err:
         parser.error(f"{args.config}: {err}")
     if args.tensorboard:

@@ -503,8 +503,8 @@ def variants(config: dict, mode: str = "compare") -> list[dict]:
     return out
 
 
-def check_runtime(config: dict, plan: list[dict] | None = None) -> None:
-    """Checks that need the machine: data present (``data_root``), CUDA device, trainer features.
+def check_runtime(config: dict) -> None:
+    """Checks that need the machine: data present (``data_root``), CUDA device.
 
     Raises ``ValueError`` naming the field; ``run`` and the CLI call it before writing anything.
     """
@@ -514,24 +514,6 @@ def check_runtime(config: dict, plan: list[dict] | None = None) -> None:
         raise ValueError(f"config field 'data_root': {err}") from None
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"config field 'device': {config['device']!r} but no CUDA device is available")
-    accepted = inspect.signature(_trainer.Trainer).parameters
-    for v in plan if plan is not None else variants(config):
-        for key, value in _optional_kwargs(v["method"], v["settings"]).items():
-            if key not in accepted:
-                raise ValueError(f"config field {key!r}: set to {value!r}, but this ssa.Trainer has no "
-                                 f"{key!r} argument")
-
-
-def _optional_kwargs(method: str, s: dict) -> dict:
-    """Trainer arguments newer than the first trainer: passed only when set (older trainers lack them)."""
-    kw = {}
-    if s["align_every"] is not None:
-        kw["align_every"] = s["align_every"]
-    if s["measure_memory"]:
-        kw["measure_memory"] = True
-    if method == "sgr" and s["sgr_lambda"] is not None:
-        kw["sgr_lambda"] = s["sgr_lambda"]
-    return kw
 
 
 def _make_trainer(model, classes: int, method: str, s: dict, seed: int, device: str):
@@ -541,7 +523,8 @@ def _make_trainer(model, classes: int, method: str, s: dict, seed: int, device: 
                             reorth_every=s["reorth_every"],
                             seed=seed, rank=s["rank"], backend=s["backend"], device=device,
                             lr_milestones=s["lr_milestones"], lr_gamma=s["lr_gamma"],
-                            **_optional_kwargs(method, s))
+                            align_every=s["align_every"], measure_memory=s["measure_memory"],
+                            **({"sgr_lambda": s["sgr_lambda"]} if s["sgr_lambda"] is not None else {}))
 
 
 # ---------------------------------------------------------------------------- results
@@ -557,7 +540,7 @@ def _run_result(seed: int, trainer, hist: list[dict], final: dict, wall: float) 
             "best_test_acc": max((h["val_acc"] for h in hist if h.get("val_acc") is not None),
                                  default=final["acc"]),
             "params": trainer.param_count(), "ranks": trainer.ranks(), "flops": flops_total,
-            "peak_mem": max(peaks) if peaks else None, "wall_s": wall, "epochs": len(hist),
+            "peak_mem": peaks[-1] if peaks else None, "wall_s": wall, "epochs": len(hist),
             "history": copy.deepcopy(hist)}
 
 
@@ -653,14 +636,14 @@ def format_table(results: dict) -> str:
     flops_unit = _unit([v["summary"]["flops"]["mean"] for v in rows if v["summary"]["flops"]],
                        [("MFLOP", 1e6), ("GFLOP", 1e9), ("TFLOP", 1e12)])
     head = ["variant", "top-1 (%)", "top-5 (%)", "params", "ranks", f"train {flops_unit[0]}/iter",
-            "peak mem (MiB)", "wall (s)"]
+            "step peak (MiB)", "wall (s)"]
     body = []
     for v in rows:
         s = v["summary"]
         body.append([v["variant"], _pm(s["test_acc"], 0.01), _pm(s["test_top5"], 0.01),
                      f"{s['params']['mean']:,.0f}" if s["params"] else "—", _ranks(s["ranks"]),
                      f"{s['flops']['mean'] / flops_unit[1]:,.2f}" if s["flops"] else "—",
-                     f"{s['peak_mem']['mean'] / 2**20:,.1f}" if s["peak_mem"] else "—",
+                     f"{s['peak_mem']['mean'] / 2**20:,.2f}" if s["peak_mem"] else "—",
                      _pm(s["wall_s"], 1.0, None)])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
@@ -668,7 +651,11 @@ def format_table(results: dict) -> str:
     title = (f"{config['name']} ({results['mode']}): {config['model']} on {config['dataset']}, "
              f"{config['epochs']} epochs, seeds {', '.join(map(str, config['seeds']))}; "
              f"test accuracy mean ± std over seeds")
-    return "\n".join([title, "", line(head), line(["-" * w for w in widths])] + [line(b) for b in body])
+    note = ("FLOPs: analytic, one training iteration (forward + update) in the last epoch, at its ranks. "
+            "Step peak: memory allocated during one training step of the last epoch beyond what was "
+            "allocated before it (parameters, optimizer state), from the CUDA allocator or the CPU profiler.")
+    return "\n".join([title, "", line(head), line(["-" * w for w in widths])] + [line(b) for b in body]
+                     + ["", note])
 
 
 # ---------------------------------------------------------------------------- running
@@ -713,7 +700,7 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
 
     config = load_config(config)
     plan = variants(config, mode)
-    check_runtime(config, plan)
+    check_runtime(config)
     writer_cls = tensorboard_writer() if tensorboard else None
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "config.yaml"), "w") as f:

@@ -13,9 +13,11 @@ of accuracy near 0° and 180°).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import operator
+import os
 from functools import partial
 
 import torch
@@ -52,7 +54,7 @@ def cpu_peak_bytes(fn) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _kineto_lines_dropped(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     cur = peak = 0
@@ -60,6 +62,41 @@ def cpu_peak_bytes(fn) -> int:
         cur += e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage
         peak = max(peak, cur)
     return peak
+
+
+#: Lines the profiler's C++ side (kineto) prints on every start/stop of a CPU-only trace.
+_KINETO_NOISE = ("profiler_start", "profiler_stop", "gpuGetDeviceCount failed",
+                 "CPUAllocator: Memory block of unknown size")
+
+
+@contextlib.contextmanager
+def _kineto_lines_dropped():
+    """Route file descriptor 2 through a temporary file and put back every line but kineto's
+    start/stop chatter (printed from C++, so ``warnings``/``logging`` filters cannot reach it)."""
+    import sys
+    import tempfile
+
+    try:
+        sys.stderr.flush()
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # no real stderr (e.g. captured): nothing to do
+        yield
+        return
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            tmp.seek(0)
+            keep = [line for line in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                    if not any(k in line for k in _KINETO_NOISE)]
+            if keep:
+                sys.stderr.write("".join(keep))
+                sys.stderr.flush()
 
 
 def peak_bytes(fn, device: str | torch.device = "cpu") -> int:

@@ -305,3 +305,17 @@ def test_bad_input_is_refused_naming_the_argument(digits):
 
 def test_flop_methods_are_the_trainer_methods():
     assert sorted(ssa.metrics.FLOP_METHODS) == sorted(METHODS)
+
+
+def test_cpu_peak_bytes_drops_the_profilers_chatter_and_keeps_other_stderr():
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom ssa.metrics import cpu_peak_bytes\n"
+            "def f():\n    print('user line', file=sys.stderr)\n    return torch.ones(1000) * 2\n"
+            "print(cpu_peak_bytes(f), cpu_peak_bytes(f))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    peaks = [int(v) for v in out.stdout.split()]
+    assert peaks[0] == peaks[1] >= 8000  # a 1000-float temporary and the result
+    assert out.stderr.count("user line") == 2 and "profiler_st" not in out.stderr, out.stderr
