@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 import ssa_kernels
 from ssa_kernels import reference as ref
@@ -121,3 +122,22 @@ def ref64(fn, *args, **kwargs):
 
 
 __all__ = ["ref"]
+
+
+# ---------------------------------------------------------------------------- trainer tests
+def mlp(sizes=(12, 32, 24, 5), act=nn.ReLU):
+    layers = []
+    for i, (n, m) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(n, m))
+        if i < len(sizes) - 2:
+            layers.append(act())
+    return nn.Sequential(*layers)
+
+
+def batch(p=9, n=12, C=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(p, n, generator=g), torch.randint(0, C, (p,), generator=g)
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

@@ -8,29 +8,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import batch, grads, mlp
 from torch import nn
 
 import ssa
 from ssa.baselines import FeedbackConv2d, FeedbackLinear
 from ssa.trainer import LOCAL_METHODS, METHODS
-
-
-def mlp(sizes=(12, 32, 24, 5)):
-    layers = []
-    for i, (n, m) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n, m))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
-    return nn.Sequential(*layers)
-
-
-def batch(p=16, n=12, classes=5, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(p, n, generator=g), torch.randint(0, classes, (p,), generator=g)
-
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def fill_grads(tr, x, y):
@@ -86,7 +69,7 @@ def test_svd_bp_factor_gradients_are_backprop_through_the_dense_weight_plus_pena
     tr = ssa.Trainer(model, 5, method="svd_bp", loss=loss, rank=4)
     layers = list(tr.ssa_layers().values())
     assert len(layers) == 3 and all(layer.rank == 4 for layer in layers)
-    x, y = batch()
+    x, y = batch(16, seed=1)
     with torch.no_grad():  # move off the orthonormal start so that the penalty has a gradient
         for layer in layers:
             layer.U.add_(0.1 * torch.randn_like(layer.U))
@@ -130,7 +113,7 @@ def test_drtp_hidden_layers_get_the_projected_target_and_the_output_layer_the_er
     torch.manual_seed(0)
     model = mlp()
     tr = ssa.Trainer(model, 5, method="drtp")
-    x, y = batch()
+    x, y = batch(16, seed=1)
     with tr.record():
         z = model(x)
     tr.local_backward(z, y)
@@ -160,7 +143,7 @@ def test_drtp_recompute_equals_store():
     model = mlp()
     a = ssa.Trainer(model, 5, method="drtp")
     b = ssa.Trainer(copy.deepcopy(model), 5, method="drtp", memory="recompute")
-    x, y = batch()
+    x, y = batch(16, seed=1)
     for _ in range(2):
         a.step(x, y)
         b.step(x, y)
@@ -181,7 +164,7 @@ def test_sgr_gradients_equal_the_written_out_local_losses(lam):
     torch.manual_seed(0)
     model = mlp()
     tr = ssa.Trainer(model, 5, method="sgr", sgr_lambda=lam)
-    x, y = batch()
+    x, y = batch(16, seed=1)
     fill_grads(tr, x, y)
     got = grads(model)
     E1, E2 = tr.feedback["sgr_head:2"], tr.feedback["sgr_head:4"]
@@ -215,7 +198,7 @@ def test_sgr_gradients_equal_the_written_out_local_losses(lam):
 def test_sgr_heads_are_simplex_etfs():
     torch.manual_seed(0)
     tr = ssa.Trainer(mlp((12, 32, 4, 5)), 5, method="sgr")
-    x, y = batch()
+    x, y = batch(16, seed=1)
     tr.step(x, y)
     E = tr.feedback["sgr_head:2"].double()  # d = 32 >= C = 5: an exact ETF
     gram = E.t() @ E
@@ -255,7 +238,7 @@ def test_sgr_refuses_units_that_do_not_form_a_chain():
             return self.c(h.relu())
 
     tr = ssa.Trainer(Skip(), 5, method="sgr")
-    x, y = batch()
+    x, y = batch(16, seed=1)
     with pytest.raises(RuntimeError, match="chain"):
         tr.step(x, y)
 

@@ -10,30 +10,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from _helpers import batch, grads, mlp
 from torch import nn
 
 import ssa
 import ssa_kernels
 
 NO_PENALTY = ssa.LossConfig(align=0.0, ortho=0.0, projection="none")
-
-
-def mlp(sizes=(12, 32, 24, 5), act=nn.ReLU):
-    layers = []
-    for i, (n, m) in enumerate(zip(sizes[:-1], sizes[1:])):
-        layers.append(nn.Linear(n, m))
-        if i < len(sizes) - 2:
-            layers.append(act())
-    return nn.Sequential(*layers)
-
-
-def batch(p=9, n=12, C=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(p, n, generator=g), torch.randint(0, C, (p,), generator=g)
-
-
-def grads(model):
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def params(model):
