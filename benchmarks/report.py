@@ -57,7 +57,53 @@ def main() -> None:
                   f"{r['median'] * 1e3:.3f} | {ratio} | {r['gflops']:.1f} | {r['gbs']:.1f} | "
                   f"{r['peak'] / 2**20:.1f} |")
         print()
+    layer_summary(rows)
     conv_summary(rows)
+
+
+def layer_summary(rows: list[dict]) -> None:
+    """The SSA linear layer step against its eager reference and the dense BP step
+    (benchmarks/test_layer_step.py), if run: time ratios t(other) / t(provider), > 1 = faster."""
+    steps = [r for r in rows if r["op"] == "linear_layer_step"]
+    if not steps:
+        return
+
+    def layer(r):
+        return tuple(r["info"]["shape"][k] for k in ("p", "n", "m"))
+
+    dense = {layer(r): r for r in steps if r["provider"] == "dense-bp"}
+    by = defaultdict(dict)
+    for r in steps:
+        if r["provider"] != "dense-bp":
+            by[(layer(r), r["info"]["shape"]["r"])][r["provider"]] = r
+    providers = sorted({p for d in by.values() for p in d}, key=lambda p: (not p.startswith("reference"), p))
+    native = [p for p in providers if not p.startswith("reference")]
+    print("## Linear layer step: SSA vs its reference vs dense BP\n")
+    print("Step = `lowrank_linear` + `dfa_project` + `svd_factor_grads` (align, ortho, Stiefel) + Adam, "
+          "against `relu(F.linear)` + autograd backward (W, b and the input) + Adam at the same p, n, m. "
+          "Speed-ups t(other) / t(provider), same run: > 1 means the SSA provider is faster. "
+          "`r*` = mn / (4(m + n)).\n")
+    head = ["p", "n", "m", "r", "r ≤ r*"] + [f"{p} (ms)" for p in providers] + ["dense-bp (ms)"]
+    for p in native:
+        head += [f"{p} vs reference", f"{p} vs dense-bp", f"peak {p} (MB)"]
+    head += ["peak dense-bp (MB)"]
+    print("| " + " | ".join(head) + " |")
+    print("|" + " ---: |" * len(head))
+    for (lay, r), d in sorted(by.items()):
+        p_, n, m = lay
+        dn = dense.get(lay)
+        cells = [str(p_), str(n), str(m), str(r), "yes" if r <= m * n / (4 * (m + n)) else "no"]
+        cells += [f"{d[p]['median'] * 1e3:.2f}" if p in d else "—" for p in providers]
+        cells += [f"{dn['median'] * 1e3:.2f}" if dn else "—"]
+        for p in native:
+            mine = d.get(p)
+            base = d.get("reference")
+            cells += [f"{base['median'] / mine['median']:.2f}×" if mine and base else "—",
+                      f"{dn['median'] / mine['median']:.2f}×" if mine and dn else "—",
+                      f"{mine['peak'] / 2**20:.1f}" if mine else "—"]
+        cells += [f"{dn['peak'] / 2**20:.1f}" if dn else "—"]
+        print("| " + " | ".join(cells) + " |")
+    print()
 
 
 CONV_OPS = {"ssa_conv_step", "ssa_conv_forward", "dense_conv_step", "dense_conv_forward"}
