@@ -58,7 +58,59 @@ def main() -> None:
                   f"{r['peak'] / 2**20:.1f} |")
         print()
     layer_summary(rows)
+    memory_summary(rows)
     conv_summary(rows)
+
+
+def memory_summary(rows: list[dict]) -> None:
+    """Whole-model training memory (benchmarks/test_memory.py), if run: absolute peak of one
+    steady-state step per model and case, the SSA / BP ratio, and for the MLP the growth from
+    the shallowest to the deepest model: raw, and beyond the parameters' own share (what is held
+    between steps — parameters, gradients, buffers, optimizer state, batch — and on the CPU
+    the step's fresh gradients; ``param_share_bytes`` of the benchmark)."""
+    mem = [r for r in rows if r["op"] == "training_memory"]
+    if not mem:
+        return
+
+    def key(r):
+        sh = r["info"]["shape"]
+        return sh["model"], sh.get("depth", 0), sh.get("width", ""), sh["batch"]
+
+    by = defaultdict(dict)
+    for r in mem:
+        by[key(r)][r["provider"]] = r
+    cases = sorted({r["provider"] for r in mem}, key=lambda c: (c != "bp", c))
+    print("## Training memory: SSA vs dense BP\n")
+    print("Absolute peak of one steady-state `Trainer.step` (CUDA: `max_memory_allocated` after "
+          "`reset_peak_memory_stats`; CPU: what is held between steps + the profiler's "
+          "peak of the step), SSA layers at rank ≤ " + str(mem[0]["info"]["shape"].get("r", "?")) + ".\n")
+    head = ["model", "depth", "width", "batch"] + [f"peak {c} (MB)" for c in cases]
+    head += [f"{c} / bp" for c in cases if c != "bp"] + [f"step {c} (ms)" for c in cases]
+    print("| " + " | ".join(head) + " |")
+    print("| --- |" + " ---: |" * (len(head) - 1))
+    for k in sorted(by):
+        d = by[k]
+        cells = [str(v) for v in k]
+        cells += [f"{d[c]['info']['peak_abs_bytes'] / 2**20:.1f}" if c in d else "—" for c in cases]
+        bp = d.get("bp")
+        cells += [f"{d[c]['info']['peak_abs_bytes'] / bp['info']['peak_abs_bytes']:.3f}"
+                  if c in d and bp else "—" for c in cases if c != "bp"]
+        cells += [f"{d[c]['median'] * 1e3:.1f}" if c in d else "—" for c in cases]
+        print("| " + " | ".join(cells) + " |")
+    depths = sorted({k[1] for k in by if k[0] == "mlp"})
+    if len(depths) > 1:
+        lo, hi = depths[0], depths[-1]
+        print(f"\nMLP peak growth from {lo} to {hi} layers: raw, and beyond the parameters' own share "
+              "(peak − parameters, gradients, buffers, optimizer state and batch):\n")
+        for c in cases:
+            a = next((d[c] for k, d in by.items() if k[0] == "mlp" and k[1] == lo and c in d), None)
+            b = next((d[c] for k, d in by.items() if k[0] == "mlp" and k[1] == hi and c in d), None)
+            if a and b:
+                pa, pb = a["info"]["peak_abs_bytes"], b["info"]["peak_abs_bytes"]
+                ra = pa - a["info"]["param_share_bytes"]
+                rb = pb - b["info"]["param_share_bytes"]
+                print(f"- {c}: {pb / pa:.2f}× raw, {rb / ra:.2f}× beyond the parameters' share")
+    print()
 
 
 def layer_summary(rows: list[dict]) -> None:
