@@ -123,6 +123,7 @@ def layer_summary(rows: list[dict]) -> None:
     def layer(r):
         return tuple(r["info"]["shape"][k] for k in ("p", "n", "m"))
 
+    copy = next((r for r in rows if r["op"] == "copy"), None)
     dense = {layer(r): r for r in steps if r["provider"] == "dense-bp"}
     by = defaultdict(dict)
     for r in steps:
@@ -134,10 +135,12 @@ def layer_summary(rows: list[dict]) -> None:
     print("Step = `lowrank_linear` + `dfa_project` + `svd_factor_grads` (align, ortho, Stiefel) + Adam, "
           "against `relu(F.linear)` + autograd backward (W, b and the input) + Adam at the same p, n, m. "
           "Speed-ups t(other) / t(provider), same run: > 1 means the SSA provider is faster. "
-          "`r*` = mn / (4(m + n)).\n")
+          "`r*` = mn / (4(m + n)). GB/s: minimum bytes / time; % of copy: that against the copy "
+          "bandwidth measured in the same run" + (f" ({copy['gbs']:.1f} GB/s)" if copy else " (not run)")
+          + ".\n")
     head = ["p", "n", "m", "r", "r ≤ r*"] + [f"{p} (ms)" for p in providers] + ["dense-bp (ms)"]
     for p in native:
-        head += [f"{p} vs reference", f"{p} vs dense-bp", f"peak {p} (MB)"]
+        head += [f"{p} vs reference", f"{p} vs dense-bp", f"{p} GB/s", f"{p} % of copy", f"peak {p} (MB)"]
     head += ["peak dense-bp (MB)"]
     print("| " + " | ".join(head) + " |")
     print("|" + " ---: |" * len(head))
@@ -152,6 +155,8 @@ def layer_summary(rows: list[dict]) -> None:
             base = d.get("reference")
             cells += [f"{base['median'] / mine['median']:.2f}×" if mine and base else "—",
                       f"{dn['median'] / mine['median']:.2f}×" if mine and dn else "—",
+                      f"{mine['gbs']:.1f}" if mine else "—",
+                      f"{100 * mine['gbs'] / copy['gbs']:.0f} %" if mine and copy else "—",
                       f"{mine['peak'] / 2**20:.1f}" if mine else "—"]
         cells += [f"{dn['peak'] / 2**20:.1f}" if dn else "—"]
         print("| " + " | ".join(cells) + " |")

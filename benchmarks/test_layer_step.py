@@ -116,3 +116,13 @@ def test_linear_layer_step(benchmark, provider, shape):
         fn, flops, nbytes = _ssa_step(provider, p, n, m, r)
     run(benchmark, fn, DEV, flops, nbytes, op="linear_layer_step", provider=provider,
         shape=dict(p=p, n=n, m=m, r=r), dtype=str(DTYPE))
+
+
+def test_copy_bandwidth(benchmark):
+    """The device's copy bandwidth in the same run (issue 6, target 3: effective bandwidth of a
+    step as a fraction of it): one ``copy_`` of a 256 MiB (GPU) / 64 MiB (CPU) fp32 buffer."""
+    numel = (256 if DEV == "cuda" else 64) * 2**20 // 4
+    src = torch.randn(numel, device=DEV)
+    dst = torch.empty_like(src)
+    run(benchmark, lambda: dst.copy_(src), DEV, 0.0, 2 * 4 * numel, op="copy", provider="torch",
+        shape=dict(bytes=4 * numel), dtype=str(DTYPE))
