@@ -235,7 +235,9 @@ class Trainer:
             the double backward of the penalty). Differs from the paper in: the local heads are
             fixed ETFs for every method setting (the paper's local-BP setting has learnable
             auxiliary networks); the squared distance is scaled by the batch size ``p`` so that
-            ``sgr_lambda`` does not depend on it. Units must form a chain (each unit's input
+            ``sgr_lambda`` does not depend on it; every unit's graph lives until the step's one
+            backward, so this form saves no memory over BP (the paper's saving comes from
+            training modules one at a time). Units must form a chain (each unit's input
             produced by the previous one; residual blocks are local modules).
         loss: :class:`LossConfig` (coefficients and gradient form).
         optimizer: ``"adam"`` (``fused=True`` where torch supports it), ``"adamw"``, ``"sgd"``
