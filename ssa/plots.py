@@ -153,6 +153,18 @@ def accuracy_curves(curves: dict[str, list[list[dict]]], path: str) -> str | Non
     return _save_path(fig, plt, path)
 
 
+def _layer_panels(plt, panels: dict, key: str, **band_kw):
+    """One axis per variant with a mean ± std band per layer of ``row[key]``; ``(fig, [(ax, variant)])``."""
+    fig, axes = _grid(plt, len(panels))
+    drawn = []
+    for ax, (variant, (hists, layers)) in zip(axes, panels.items()):
+        for j, name in enumerate(layers):
+            _band(ax, hists, lambda r, n=name: (r.get(key) or {}).get(n), f"C{j % 10}", f"layer {name}",
+                  **band_kw)
+        drawn.append((ax, variant))
+    return fig, drawn
+
+
 def rank_curves(curves: dict[str, list[list[dict]]], path: str) -> str | None:
     """Rank per layer over epochs, one panel per variant that has SSA layers (mean ± std over seeds)."""
     panels = {v: (hists, _layers(hists, "ranks")) for v, hists in curves.items()}
@@ -160,11 +172,9 @@ def rank_curves(curves: dict[str, list[list[dict]]], path: str) -> str | None:
     if not panels:
         return None
     plt = _pyplot()
-    fig, axes = _grid(plt, len(panels))
-    for ax, (variant, (hists, layers)) in zip(axes, panels.items()):
-        for j, name in enumerate(layers):
-            _band(ax, hists, lambda r, n=name: (r.get("ranks") or {}).get(n), f"C{j % 10}", f"layer {name}",
-                  steps=True)  # a cut at the end of an epoch holds from that epoch's point on
+    # a cut at the end of an epoch holds from that epoch's point on: steps
+    fig, drawn = _layer_panels(plt, panels, "ranks", steps=True)
+    for ax, variant in drawn:
         ax.set(xlabel="epoch", ylabel="rank", title=f"{variant}: rank per layer")
         _integer_epochs(ax)
         ax.grid(alpha=0.3)
@@ -184,10 +194,8 @@ def angle_curves(curves: dict[str, list[list[dict]]], path: str, key: str = "gra
     if not panels:
         return None
     plt = _pyplot()
-    fig, axes = _grid(plt, len(panels))
-    for ax, (variant, (hists, layers)) in zip(axes, panels.items()):
-        for j, name in enumerate(layers):
-            _band(ax, hists, lambda r, n=name: (r.get(key) or {}).get(n), f"C{j % 10}", f"layer {name}")
+    fig, drawn = _layer_panels(plt, panels, key)
+    for ax, variant in drawn:
         ax.axhline(90, color="grey", linewidth=0.8, linestyle=":")
         ax.set(xlabel="epoch", ylabel=ylabel, title=f"{variant}: {key.replace('_', ' ')}", ylim=(0, 180))
         _integer_epochs(ax)
