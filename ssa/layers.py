@@ -306,7 +306,11 @@ class SSALinear(SSALayer):
     def weight(self) -> Tensor:
         """The dense weight ``U diag(s) Vᵀ`` (out×in), a detached read-only view."""
         with torch.no_grad():
-            return ((self.U * self.s) @ self.V.t()).detach()
+            return self.weight_from(self.U, self.s, self.V).detach()
+
+    def weight_from(self, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
+        """``U diag(s) Vᵀ`` of given factors in this layer's weight layout (out×in)."""
+        return (U * s) @ V.t()
 
     def extra_repr(self) -> str:
         act = "" if self.activation == "none" else f", activation={self.activation!r}"
@@ -454,7 +458,11 @@ class SSAConv2d(SSALayer):
     def weight(self) -> Tensor:
         """The dense kernel (out_channels × in_channels × kh × kw), a detached read-only view."""
         with torch.no_grad():
-            return _kref.kernel_from_factors(self.U, self.s, self.V, self.kernel_size).detach().contiguous()
+            return self.weight_from(self.U, self.s, self.V).detach().contiguous()
+
+    def weight_from(self, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
+        """The kernel of given factors in this layer's layout (``K'`` reshaped, DESIGN §4)."""
+        return _kref.kernel_from_factors(U, s, V, self.kernel_size)
 
     def extra_repr(self) -> str:
         act = "" if self.activation == "none" else f", activation={self.activation!r}"

@@ -24,8 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssa_kernels import reference as _kref
-
 from . import _tape
 from .baselines import FeedbackConv2d, FeedbackLinear
 from .convert import to_dense
@@ -192,13 +190,6 @@ def _angle(a: Tensor | None, b: Tensor | None) -> float:
     # of a cosine rounded at 1 − 2⁻⁵³ would read 1e-6° for parallel vectors)
     a, b = a / na, b / nb
     return math.degrees(2.0 * math.atan2(float((a - b).norm()), float((a + b).norm())))
-
-
-def _dense_of(layer: SSALayer, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
-    """The dense weight of factors, in the layout of ``layer.weight`` (linear in each factor)."""
-    if isinstance(layer, SSAConv2d):
-        return _kref.kernel_from_factors(U, s, V, layer.kernel_size)
-    return (U * s) @ V.t()
 
 
 # ---------------------------------------------------------------------------- shapes
@@ -458,7 +449,7 @@ def _method_weight_grad(layer: nn.Module) -> Tensor | None:
         U, s, V = layer.U.detach(), layer.s.detach(), layer.V.detach()
         gU, gs, gV = (torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, (U, s, V)))
         # gU diag(s) Vᵀ + U diag(gs) Vᵀ + U diag(s) gVᵀ, in the layout of layer.weight
-        return _dense_of(layer, gU, s, V) + _dense_of(layer, U, gs, V) + _dense_of(layer, U, s, gV)
+        return layer.weight_from(gU, s, V) + layer.weight_from(U, gs, V) + layer.weight_from(U, s, gV)
 
 
 def _first_dense(module: nn.Module) -> nn.Module | None:

@@ -619,11 +619,14 @@ class Trainer:
                                      f"{self.step_count + 1}; "
                                      "the step was not applied (the last checkpoint is kept)")
 
+    def _generator(self, key: str) -> torch.Generator:
+        """A CPU generator seeded by the trainer's seed and ``key`` (a unit's fixed random matrices)."""
+        return torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
+
     def _feedback_dense(self, unit: _Unit, d: int, like: Tensor) -> Tensor:
         B = self.feedback.get(unit.name)
         if B is None or B.shape[0] != d:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(unit.name.encode()))
-            B = torch.randn(d, self.num_classes, generator=gen, dtype=torch.float64)
+            B = torch.randn(d, self.num_classes, generator=self._generator(unit.name), dtype=torch.float64)
             B = B / B.norm(dim=0, keepdim=True)  # unit-norm columns: ‖B‖_F² = C
             B = B.to(device=like.device, dtype=like.dtype)
             self.feedback[unit.name] = B
@@ -804,20 +807,16 @@ class Trainer:
         SSA) and, with ``loss.hoyer > 0``, the smoothed Hoyer sparsity ``H(s) = Σ√(s² + ε²)/‖s‖``
         of DESIGN §6 on the singular values, active in every epoch.
         """
-        total = None
+        total = torch.zeros((), device=self.device)
         for layer in self.ssa_layers().values():
-            term = 0.0
             if self.loss.ortho > 0:
                 for F_ in (layer.U, layer.V):
                     eye = torch.eye(F_.shape[1], device=F_.device, dtype=F_.dtype)
-                    term = term + self.loss.ortho * (F_.t() @ F_ - eye).pow(2).sum()
+                    total = total + self.loss.ortho * (F_.t() @ F_ - eye).pow(2).sum()
             if self.loss.hoyer > 0:
                 s = layer.s
                 hoyer = torch.sqrt(s * s + self.loss.hoyer_eps ** 2).sum() / s.norm().clamp_min(1e-30)
-                term = term + self.loss.hoyer * hoyer
-            total = term if total is None else total + term
-        if total is None or not isinstance(total, Tensor):
-            return torch.zeros((), device=self.device)
+                total = total + self.loss.hoyer * hoyer
         return total.float()
 
     # ------------------------------------------------------------------ sgr
@@ -854,8 +853,7 @@ class Trainer:
         E = self.feedback.get(key)
         if E is None or E.shape[0] != d:
             C = self.num_classes
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(key.encode()))
-            A = torch.randn(max(d, C), min(d, C), generator=gen, dtype=torch.float64)
+            A = torch.randn(max(d, C), min(d, C), generator=self._generator(key), dtype=torch.float64)
             Q = torch.linalg.qr(A)[0]
             P = Q if d >= C else Q.t()  # d×C
             center = torch.eye(C, dtype=torch.float64) - 1.0 / C
@@ -1025,15 +1023,12 @@ class Trainer:
             loss_sum = acc_sum = count = 0.0
             x_shape, peak, self._angles = None, None, []
             for x, y in batches:
-                if x_shape is None:
-                    x_shape = tuple(x.shape)
-                    if self.measure_memory:
-                        from .metrics import peak_bytes
+                first, x_shape = x_shape is None, x_shape or tuple(x.shape)
+                if first and self.measure_memory:  # the epoch's first step, under the memory probe
+                    from .metrics import peak_bytes
 
-                        stats = {}
-                        peak = peak_bytes(lambda x=x, y=y, o=stats: o.update(self.step(x, y)), self.device)
-                    else:
-                        stats = self.step(x, y)
+                    stats = {}
+                    peak = peak_bytes(lambda x=x, y=y, o=stats: o.update(self.step(x, y)), self.device)
                 else:
                     stats = self.step(x, y)
                 loss_sum += stats["loss"] * stats["n"]

@@ -204,6 +204,17 @@ def test_convert_leaves_grouped_and_depthwise_convs_dense(caplog):
 # ------------------------------------------------------------------ trainer on convnets
 
 
+def _float_state(model):
+    """A copy of the model's floating-point state (parameters and buffers)."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if torch.is_tensor(v) and v.is_floating_point()}
+
+
+def _assert_same_states(a, b, rtol, atol):
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=rtol, atol=atol, msg=lambda m, k=k: f"{k}: {m}")
+
+
 def _convnet(C=5, norm=False):
     torch.manual_seed(0)
     mods = [nn.Conv2d(2, 6, 3, padding=1)]
@@ -283,17 +294,8 @@ def test_conv_with_batchnorm_tail_and_recompute_equals_store():
         tr = ssa.Trainer(model, 5, memory=memory)
         for seed in range(3):
             tr.step(*_batch(seed=seed))
-        results.append(
-            {
-                n: p.detach().clone()
-                for n, p in model.state_dict().items()
-                if torch.is_tensor(p) and p.is_floating_point()
-            }
-        )
-    for k in results[0]:
-        torch.testing.assert_close(
-            results[0][k], results[1][k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
-        )
+        results.append(_float_state(model))
+    _assert_same_states(*results, rtol=1e-5, atol=1e-6)
     assert not torch.equal(results[0]["1.weight"], torch.ones(6))  # the BN affine parameters are trained
 
 
@@ -401,17 +403,8 @@ def test_resnet_recompute_equals_store():
         tr = ssa.Trainer(model, 10, memory=memory)
         for x, y in batches:
             tr.step(x, y)
-        results.append(
-            {
-                k: v.detach().clone()
-                for k, v in model.state_dict().items()
-                if torch.is_tensor(v) and v.is_floating_point()
-            }
-        )
-    for k in results[0]:
-        torch.testing.assert_close(
-            results[0][k], results[1][k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}"
-        )
+        results.append(_float_state(model))
+    _assert_same_states(*results, rtol=1e-4, atol=1e-6)
 
 
 def test_dfa_method_trains_a_dense_convnet_with_local_blocks():
