@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import os
 import sys
@@ -99,7 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--loss", choices=("default", "v1", "v2"), default="default", help="LossConfig preset")
     t.add_argument("--schedule", action=argparse.BooleanOptionalAction, default=True,
                    help="rank schedule for ssa (DESIGN §8)")
-    t.add_argument("--interval", type=_positive(int), default=10, help="epochs between rank cuts")
+    t.add_argument("--interval", type=_positive(int), default=None,
+                   help="epochs between rank cuts (default: ssa.RankSchedule.default, a cut after every "
+                        "epoch of the first third)")
+    t.add_argument("--stop-epoch", type=_positive(int), default=None,
+                   help="no rank cut after this many epochs (with --interval)")
+    t.add_argument("--targets", choices=("feedback", "frame", "none"), default=None,
+                   help="alignment targets (default: the --loss preset's; DESIGN §6)")
+    t.add_argument("--output-layer", choices=("ssa", "dense"), default="ssa",
+                   help="keep the output layer dense (ssa)")
     t.add_argument("--memory", choices=("store", "recompute"), default="store")
     t.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "cuda", "triton"))
     t.add_argument("--device", default="cpu")
@@ -169,9 +178,17 @@ def train(args: argparse.Namespace) -> list[dict]:
         torch.manual_seed(args.seed)
         train_loader.generator.manual_seed(args.seed)
         model = models.get(args.model, classes, in_shape)
-        schedule = (RankSchedule(args.epochs, interval=args.interval)
-                    if method == "ssa" and args.schedule else None)
-        trainer = Trainer(model, classes, method=method, loss=LossConfig.preset(args.loss), lr=args.lr,
+        if method != "ssa" or not args.schedule:
+            schedule = None
+        elif args.interval is None and args.stop_epoch is None:
+            schedule = "default"  # RankSchedule.default(epochs), made by fit
+        else:
+            schedule = RankSchedule(args.epochs, interval=args.interval or 1, stop_epoch=args.stop_epoch)
+        loss = LossConfig.preset(args.loss)
+        if args.targets is not None:
+            loss = dataclasses.replace(loss, targets=args.targets)
+        extra = {"output_layer": args.output_layer} if method in ("ssa", "svd_bp") else {}
+        trainer = Trainer(model, classes, method=method, loss=loss, lr=args.lr, **extra,
                           schedule=schedule, memory=args.memory, seed=args.seed, rank=args.rank,
                           backend=args.backend, device=args.device, lr_milestones=args.lr_milestones,
                           lr_gamma=args.lr_gamma)
@@ -214,7 +231,7 @@ def compare(args: argparse.Namespace, parser: argparse.ArgumentParser | None = N
         config = cmp.load_config(args.config, overrides)
         cmp.variants(config, mode)  # a mode the config does not allow raises here
         cmp.check_runtime(config)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ImportError) as err:
         parser.error(f"{args.config}: {err}")
     if args.tensorboard:
         try:
@@ -233,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             build_parser().error(f"--device {args.device}: no CUDA device is available")
         try:  # a missing --data-root or data folder: a usage error, before anything is written
             data.check(args.dataset, args.data_root, args.augment)
-        except (FileNotFoundError, ValueError) as err:
+        except (FileNotFoundError, ValueError, ImportError) as err:
             build_parser().error(str(err))
         train(args)
     elif args.command == "compare":

@@ -20,7 +20,7 @@ fields as ``loss.align`` or ``overrides.ssa.lr``):
 ``name``           run name, default the file's stem (``"run"`` for a mapping); the CLI's
                    default output folder is ``runs/<name>``
 ``description``    free text (kept in ``config.yaml``)
-``dataset``        one of :func:`ssa.data.available` (``digits``)
+``dataset``        one of :func:`ssa.data.available` (``digits``; ``mnist`` needs ``pip install .[data]``)
 ``data_root``      local folder of cifar10/cifar100/imagefolder (required for those;
                    checked by :func:`check_runtime`, never downloaded), ``~`` expanded
 ``augment``        random crop (4-pixel padding) + flip of the file datasets (``false``)
@@ -35,14 +35,16 @@ fields as ``loss.align`` or ``overrides.ssa.lr``):
 ``lr``             number > 0 (``1e-3``; a YAML string such as ``1e-3`` is read as a number)
 ``lr_milestones``  increasing epochs >= 1 after which the lr is multiplied by ``lr_gamma`` (``[]``)
 ``lr_gamma``       number > 0 (``0.1``)
-``rank``           initial rank of SSA layers, int >= 1 or ``null`` (full) (``null``)
+``rank``           initial rank of SSA layers, int >= 1, ``{linear: r, conv: r}`` (clipped to each
+                   layer's full rank) or ``null`` (full) (``null``)
 ``loss``           :class:`ssa.loss.LossConfig`: a preset name (``default``, ``v1``, ``v2``) or a
                    mapping of its fields, optionally with ``preset:`` as the starting point
                    (``default``); stored as the full mapping
-``schedule``       ``false`` or a mapping of :class:`ssa.schedule.RankSchedule` options
-                   (``interval``, ``zeta``, ``energy``, ``min_fraction``, ``start_epoch``,
-                   ``cap``, ``include_output``; ``total_epochs`` is ``epochs``); ``true`` means
-                   the defaults; ``ssa`` only (``{interval: 10}``)
+``schedule``       ``default`` (:meth:`ssa.RankSchedule.default`, the library's timing), ``false``,
+                   or a mapping of :class:`ssa.schedule.RankSchedule` options (``interval``,
+                   ``zeta``, ``energy``, ``min_fraction``, ``start_epoch``, ``cap``,
+                   ``include_output``, ``stop_epoch``; ``total_epochs`` is ``epochs``); ``true``
+                   means the class defaults; ``ssa`` only (``default``)
 ``memory``         ``store`` | ``recompute`` (``store``)
 ``reorth_every``   int >= 1 or ``null`` (``null``)
 ``backend``        ``auto`` | ``reference`` | ``cpu`` | ``cuda`` | ``triton`` (``auto``)
@@ -50,11 +52,24 @@ fields as ``loss.align`` or ``overrides.ssa.lr``):
 ``align_every``    measure the gradient alignment angle every this many steps, or ``null``
 ``measure_memory`` record the peak memory of a training step (``false``)
 ``sgr_lambda``     reconciliation weight of ``sgr``, number >= 0 or ``null`` (trainer default)
+``output_layer``   ``ssa`` | ``dense``: keep the output layer dense (``ssa``)
+``init``           ``torch`` | ``paper`` (He for convolutions, Xavier for linear layers) (``torch``)
+``factor_lr``      learning-rate multipliers of the SSA factors, e.g. ``{s: 10}`` (``{}``)
+``feedback``       ``gaussian`` | ``orthogonal`` structure of the DFA feedback (``gaussian``)
+``skip``           qualified names of layers to leave dense (``[]``)
 ``overrides``      per-method settings, ``{method: {field: value}}`` for the fields ``epochs``,
-                   ``optimizer``, ``lr``, ``lr_milestones``, ``lr_gamma``, ``rank``, ``loss`` (a
-                   mapping without ``preset`` changes the top-level loss), ``schedule`` (a
-                   mapping changes the top-level schedule), ``memory``, ``reorth_every``,
-                   ``backend``, ``align_every``, ``measure_memory``, ``sgr_lambda``
+                   ``batch_size``, ``optimizer``, ``lr``, ``lr_milestones``, ``lr_gamma``, ``rank``,
+                   ``loss`` (a mapping without ``preset`` changes the top-level loss), ``schedule``
+                   (a mapping changes the top-level schedule), ``memory``, ``reorth_every``,
+                   ``backend``, ``align_every``, ``measure_memory``, ``sgr_lambda``,
+                   ``output_layer``, ``init``, ``factor_lr``, ``feedback``, ``skip``
+``variants``       instead of ``methods``: a list of named variants, each
+                   ``{name: <unique>, method: <method>, <overridable fields>}`` over the top level
+                   and that method's ``overrides`` (a study: every row in one run, same data,
+                   split, shuffle and initial weights)
+``truncate``       fractions in (0, 1]: after training, every dense variant is also evaluated
+                   with its hidden layers cut by SVD to that fraction of their full rank (the
+                   post-hoc low-rank baseline of ``params.png``) (``[]``)
 ``ablation``       terms dropped by ``--ablation``, among ``align``, ``ortho``, ``cos``, ``hoyer``,
                    ``schedule``; ``null``: every term that is on for ``ssa`` (``null``)
 ``sweep``          ``{field: <LossConfig coefficient>, values: [numbers >= 0]}`` for ``--sweep``
@@ -98,8 +113,9 @@ LOSS_NUMBERS = tuple(f.name for f in dataclasses.fields(LossConfig) if f.type in
 SWEEP_FIELDS = LOSS_NUMBERS
 PRESETS = ("default", "v1", "v2")
 BACKENDS = ("auto", "reference", "cpu", "cuda", "triton")
-OVERRIDABLE = ("epochs", "optimizer", "lr", "lr_milestones", "lr_gamma", "rank", "loss", "schedule", "memory",
-               "reorth_every", "backend", "align_every", "measure_memory", "sgr_lambda")
+OVERRIDABLE = ("epochs", "batch_size", "optimizer", "lr", "lr_milestones", "lr_gamma", "rank", "loss",
+               "schedule", "memory", "reorth_every", "backend", "align_every", "measure_memory", "sgr_lambda",
+               "output_layer", "init", "factor_lr", "feedback", "skip")
 _SCHEDULE_FIELDS = {f.name: f.type for f in dataclasses.fields(RankSchedule) if f.name != "total_epochs"}
 _ABLATION_LABEL = {"align": "− align", "ortho": "− ortho", "cos": "− cos", "hoyer": "− hoyer",
                    "schedule": "− rank schedule"}
@@ -256,10 +272,13 @@ def _loss(field, value, base: dict | None = None) -> dict:
         raise _class_error(field, err) from None
 
 
-def _schedule(field, value, epochs: int, base: dict | bool | None = None):
-    """``false``/``null`` → ``False``; ``true`` or a mapping → every RankSchedule option but total_epochs."""
+def _schedule(field, value, epochs: int, base: dict | bool | str | None = None):
+    """``false``/``null`` → ``False``; ``default`` → ``"default"`` (:meth:`RankSchedule.default`);
+    ``true`` or a mapping → every RankSchedule option but total_epochs."""
     if value is None or value is False:
         return False
+    if value == "default":
+        return "default"
     if value is True:
         value = {}
     _mapping(field, value, "false or a mapping of RankSchedule options")
@@ -269,6 +288,8 @@ def _schedule(field, value, epochs: int, base: dict | bool | None = None):
         kind = _SCHEDULE_FIELDS[key]
         if kind in ("int", int):
             options[key] = _int(f"{field}.{key}", v, lo=0)
+        elif kind == "int | None":
+            options[key] = _int(f"{field}.{key}", v, lo=1, none=True)
         elif kind in ("bool", bool):
             options[key] = _bool(f"{field}.{key}", v)
         else:
@@ -324,9 +345,10 @@ def _defaults() -> dict:
         "name": "run", "description": None, "dataset": "digits", "data_root": None, "augment": False,
         "model": "mlp", "model_kwargs": {}, "methods": ["ssa", "bp"], "seeds": [0], "epochs": 30,
         "batch_size": 64, "optimizer": "adam", "lr": 1e-3, "lr_milestones": [], "lr_gamma": 0.1, "rank": None,
-        "loss": "default", "schedule": {"interval": 10}, "memory": "store", "reorth_every": None,
+        "loss": "default", "schedule": "default", "memory": "store", "reorth_every": None,
         "backend": "auto", "device": "cpu", "align_every": None, "measure_memory": False, "sgr_lambda": None,
-        "overrides": {}, "ablation": None, "sweep": None,
+        "output_layer": "ssa", "init": "torch", "factor_lr": {}, "feedback": "gaussian", "skip": [],
+        "overrides": {}, "variants": None, "truncate": [], "ablation": None, "sweep": None,
     }
 
 
@@ -336,11 +358,17 @@ def _validator(key: str):
     memory_modes = getattr(_trainer, "MEMORY_MODES", ("store", "recompute"))
     validators = {
         "epochs": lambda f, v: _int(f, v, lo=1),
+        "batch_size": lambda f, v: _int(f, v, lo=1),
         "optimizer": lambda f, v: _choice(f, v, optimizers),
         "lr": lambda f, v: _float(f, v, positive=True),
         "lr_milestones": _milestones,
         "lr_gamma": lambda f, v: _float(f, v, positive=True),
-        "rank": lambda f, v: _int(f, v, lo=1, none=True),
+        "rank": _rank,
+        "output_layer": lambda f, v: _choice(f, v, _trainer.OUTPUT_LAYERS),
+        "init": lambda f, v: _choice(f, v, _trainer.INITS),
+        "feedback": lambda f, v: _choice(f, v, _trainer.FEEDBACKS),
+        "factor_lr": _factor_lr,
+        "skip": _skip,
         "memory": lambda f, v: _choice(f, v, memory_modes),
         "reorth_every": lambda f, v: _int(f, v, lo=1, none=True),
         "backend": lambda f, v: _choice(f, v, BACKENDS),
@@ -349,6 +377,57 @@ def _validator(key: str):
         "sgr_lambda": lambda f, v: _float(f, v, none=True),
     }
     return validators[key]
+
+
+def _rank(field, value):
+    if isinstance(value, dict):
+        _unknown(field, value, ["linear", "conv"])
+        return {k: _int(f"{field}.{k}", v, lo=1, none=True) for k, v in value.items()}
+    return _int(field, value, lo=1, none=True)
+
+
+def _factor_lr(field, value):
+    _mapping(field, value, "a mapping {U|s|V: multiplier}")
+    _unknown(field, value, ["U", "s", "V"])
+    return {k: _float(f"{field}.{k}", v, positive=True) for k, v in value.items()}
+
+
+def _skip(field, value):
+    if not isinstance(value, list):
+        raise _bad(field, "a list of layer names", value)
+    return [_str(f"{field}[{i}]", v) for i, v in enumerate(value)]
+
+
+def _truncate(field, value):
+    if not isinstance(value, list):
+        raise _bad(field, "a list of fractions in (0, 1]", value)
+    out = [_float(f"{field}[{i}]", v, positive=True) for i, v in enumerate(value)]
+    if any(v > 1 for v in out):
+        raise _bad(field, "a list of fractions in (0, 1]", value)
+    return sorted(set(out), reverse=True)
+
+
+def _variants(field, value, config: dict):
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise _bad(field, "null or a non-empty list of {name, method, <fields>}", value)
+    out, names = [], set()
+    for i, entry in enumerate(value):
+        where = f"{field}[{i}]"
+        _mapping(where, entry, "a mapping {name, method, <overridable fields>}")
+        _unknown(where, entry, ["name", "method", *OVERRIDABLE])
+        if "name" not in entry or "method" not in entry:
+            raise _bad(where, "a mapping with keys name and method", entry)
+        name = _str(f"{where}.name", entry["name"])
+        if name in names:
+            raise _bad(f"{where}.name", "a name no other variant has", name)
+        names.add(name)
+        method = _choice(f"{where}.method", entry["method"], _trainer.METHODS)
+        fields = {k: v for k, v in entry.items() if k not in ("name", "method")}
+        done = _overrides(where, {method: fields}, config, flat=True)[method]
+        out.append({"name": name, "method": method, **done})
+    return out
 
 
 def read_config(path) -> dict:
@@ -393,19 +472,24 @@ def load_config(source, overrides: dict | None = None) -> dict:
     c = {**defaults, "name": stem, **raw}
     out: dict = {}
     out["name"] = _name("name", c["name"])
+    if isinstance(c.get("variants"), list):  # the methods a study trains (for the checks below)
+        c["methods"] = list(dict.fromkeys(v.get("method") for v in c["variants"] if isinstance(v, dict)
+                                          and v.get("method") in _trainer.METHODS)) or c["methods"]
     out["description"] = _str("description", c["description"], none=True)
     out["dataset"] = _choice("dataset", c["dataset"], data.available())
     out["data_root"] = _data_root("data_root", c["data_root"])
     out["augment"] = _bool("augment", c["augment"])
-    if out["augment"] and out["dataset"] == "digits":
-        raise ValueError("config field 'augment': dataset 'digits' has no augmentation (set augment: false)")
+    if out["augment"] and out["dataset"] in ("digits", "mnist"):
+        raise ValueError(f"config field 'augment': dataset {out['dataset']!r} has no augmentation "
+                         "(set augment: false)")
     out["model"] = _choice("model", c["model"], models.available())
     out["model_kwargs"] = _model_kwargs("model_kwargs", c["model_kwargs"], out["model"])
     out["methods"] = _methods("methods", c["methods"])
     out["seeds"] = _seeds("seeds", c["seeds"])
     out["epochs"] = _validator("epochs")("epochs", c["epochs"])
     out["batch_size"] = _int("batch_size", c["batch_size"], lo=1)
-    for key in ("optimizer", "lr", "lr_milestones", "lr_gamma", "rank"):
+    for key in ("optimizer", "lr", "lr_milestones", "lr_gamma", "rank", "output_layer", "init", "factor_lr",
+                "feedback", "skip"):
         out[key] = _validator(key)(key, c[key])
     out["loss"] = _loss("loss", c["loss"])
     out["schedule"] = _schedule("schedule", c["schedule"], out["epochs"])
@@ -415,16 +499,21 @@ def load_config(source, overrides: dict | None = None) -> dict:
     for key in ("align_every", "measure_memory", "sgr_lambda"):
         out[key] = _validator(key)(key, c[key])
     out["overrides"] = _overrides("overrides", c["overrides"], out)
+    if c["variants"] is not None and "methods" in raw and raw["methods"] != c["methods"]:
+        raise ValueError("config field 'variants': give either methods or variants, not both (methods, "
+                         "when present, must list the variants' methods in order)")
+    out["variants"] = _variants("variants", c["variants"], out)
+    out["truncate"] = _truncate("truncate", c["truncate"])
     out["ablation"] = _ablation("ablation", c["ablation"])
     out["sweep"] = _sweep("sweep", c["sweep"])
     return out
 
 
-def _overrides(field, value, config: dict) -> dict:
+def _overrides(field, value, config: dict, flat: bool = False) -> dict:
     _mapping(field, value, "a mapping {method: {field: value}}")
     out = {}
     for method, fields in value.items():
-        where = f"{field}.{method}"
+        where = field if flat else f"{field}.{method}"
         if method not in _trainer.METHODS:
             raise ValueError(f"config field {where!r}: unknown method; known: {', '.join(_trainer.METHODS)}")
         _mapping(where, fields, f"a mapping of fields among {', '.join(OVERRIDABLE)}")
@@ -443,7 +532,7 @@ def _overrides(field, value, config: dict) -> dict:
                 done[key] = _schedule(f"{where}.schedule", fields[key], epochs, base=config["schedule"])
             else:
                 done[key] = _validator(key)(f"{where}.{key}", fields[key])
-        if "epochs" in done and "schedule" not in done and config["schedule"]:
+        if "epochs" in done and "schedule" not in done and isinstance(config["schedule"], dict):
             try:  # the top-level schedule must fit the method's epochs
                 RankSchedule(done["epochs"], **config["schedule"])
             except ValueError as err:
@@ -469,6 +558,13 @@ def variants(config: dict, mode: str = "compare") -> list[dict]:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "compare":
+        if config.get("variants"):
+            out = []
+            for v in config["variants"]:
+                s = settings(config, v["method"])
+                s.update(copy.deepcopy({k: x for k, x in v.items() if k not in ("name", "method")}))
+                out.append({"name": v["name"], "method": v["method"], "settings": s})
+            return out
         return [{"name": m, "method": m, "settings": settings(config, m)} for m in config["methods"]]
     base = settings(config, "ssa")
     if mode == "sweep":
@@ -510,15 +606,27 @@ def check_runtime(config: dict) -> None:
     """
     try:
         data.check(config["dataset"], config["data_root"], config["augment"])
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, ImportError) as err:
         raise ValueError(f"config field 'data_root': {err}") from None
     if torch.device(config["device"]).type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"config field 'device': {config['device']!r} but no CUDA device is available")
 
 
 def _make_trainer(model, classes: int, method: str, s: dict, seed: int, device: str):
-    schedule = RankSchedule(s["epochs"], **s["schedule"]) if method == "ssa" and s["schedule"] else None
-    return _trainer.Trainer(model, classes, method=method, loss=LossConfig(**s["loss"]),
+    if method != "ssa" or not s["schedule"]:
+        schedule = None
+    elif s["schedule"] == "default":
+        schedule = RankSchedule.default(s["epochs"])
+    else:
+        schedule = RankSchedule(s["epochs"], **s["schedule"])
+    extra = {k: s[k] for k in ("output_layer", "init", "factor_lr", "feedback", "skip") if k in s}
+    if "skip" in extra:
+        extra["skip"] = tuple(extra["skip"])
+    if method not in ("ssa", "svd_bp"):  # SSA-only options do not apply to dense methods
+        extra.pop("factor_lr", None)
+        if extra.get("output_layer") == "dense":
+            extra.pop("output_layer")
+    return _trainer.Trainer(model, classes, method=method, loss=LossConfig(**s["loss"]), **extra,
                             optimizer=s["optimizer"], lr=s["lr"], schedule=schedule, memory=s["memory"],
                             reorth_every=s["reorth_every"],
                             seed=seed, rank=s["rank"], backend=s["backend"], device=device,
@@ -557,6 +665,12 @@ def _summary(runs: list[dict]) -> dict:
            for k in ("test_acc", "test_top5", "best_test_acc", "params", "flops", "peak_mem", "wall_s")}
     layers = list(dict.fromkeys(n for r in runs for n in r["ranks"]))
     out["ranks"] = {n: statistics.fmean(r["ranks"][n] for r in runs if n in r["ranks"]) for n in layers}
+    fractions = sorted({t["fraction"] for r in runs for t in r.get("truncated", [])}, reverse=True)
+    if fractions:
+        cut = [t for r in runs for t in r.get("truncated", [])]
+        out["truncated"] = [{"fraction": f,
+                             "params": _stats([t["params"] for t in cut if t["fraction"] == f]),
+                             "acc": _stats([t["acc"] for t in cut if t["fraction"] == f])} for f in fractions]
     return out
 
 
@@ -711,11 +825,14 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
                             for v in plan]}
     total, done = len(plan) * len(config["seeds"]), 0
     for seed in config["seeds"]:
-        train_loader, test_loader, classes, in_shape = data.get(config["dataset"], config["batch_size"], seed,
-                                                                  root=config["data_root"],
-                                                                  augment=config["augment"])
+        loaders: dict[int, tuple] = {}
         for v, entry in zip(plan, results["variants"]):
             s = v["settings"]
+            batch = s.get("batch_size", config["batch_size"])
+            if batch not in loaders:
+                loaders[batch] = data.get(config["dataset"], batch, seed, root=config["data_root"],
+                                          augment=config["augment"])
+            train_loader, test_loader, classes, in_shape = loaders[batch]
             torch.manual_seed(seed)
             train_loader.generator.manual_seed(seed)
             model = models.get(config["model"], classes, in_shape, **config["model_kwargs"])
@@ -724,6 +841,10 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
             hist = trainer.fit(train_loader, s["epochs"], val_loader=test_loader, progress=not quiet)
             wall = time.perf_counter() - start
             result = _run_result(seed, trainer, hist, trainer.evaluate(test_loader), wall)
+            if config.get("truncate") and not trainer.ssa_layers():
+                from .metrics import truncated_accuracy
+
+                result["truncated"] = truncated_accuracy(trainer.model, test_loader, config["truncate"])
             entry["runs"].append(result)
             entry["summary"] = _summary(entry["runs"])
             done += 1
@@ -762,6 +883,18 @@ def _plots(results: dict, out: str) -> list[str]:
     costs = {model: {v["variant"]: {"flops": v["summary"]["flops"], "peak_mem": v["summary"]["peak_mem"]}
                      for v in results["variants"]}}
     paths.append(plots.cost_bars(costs, os.path.join(out, "costs.png")))
+    if results["config"].get("truncate"):
+        points: dict[str, list] = {}
+        for v in results["variants"]:
+            s = v["summary"]
+            if not s or not s["params"]:
+                continue
+            points[v["variant"]] = [(s["params"]["mean"], s["test_acc"])]
+            for t in s.get("truncated", []):
+                points.setdefault(f"{v['variant']} cut by SVD", []).append((t["params"]["mean"], t["acc"]))
+        c = results["config"]
+        title = f"{c['model']} on {c['dataset']}: accuracy against parameters"
+        paths.append(plots.accuracy_vs_params(points, os.path.join(out, "params.png"), title=title))
     if results["mode"] == "sweep":
         sweep = results["config"]["sweep"]
         points = [(v["value"], v["summary"]["test_acc"]) for v in results["variants"]]

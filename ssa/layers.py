@@ -12,10 +12,13 @@ import ssa_kernels
 from ssa_kernels import _checks as _kchecks
 from ssa_kernels import reference as _kref
 
-__all__ = ["SSALayer", "SSALinear", "SSAConv2d", "ACTIVATIONS"]
+from .loss import TARGETS
+
+__all__ = ["SSALayer", "SSALinear", "SSAConv2d", "ACTIVATIONS", "TARGETS"]
 
 #: Activations fused into the forward kernel (their derivative is computable from the output).
 ACTIVATIONS = ("none", "relu", "leaky_relu", "tanh", "sigmoid")
+
 
 _MODULE_OF = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
@@ -59,8 +62,7 @@ class SSALayer(nn.Module):
 
     _owner = "SSALayer"
 
-    def _init_factors(self, W: Tensor, b: Tensor, frame, r0: int, bias: bool, factory: dict) -> None:
-        BU, BS, BV = frame
+    def _init_factors(self, W: Tensor, b: Tensor, r0: int, bias: bool, factory: dict) -> None:
         U, s, Vh = torch.linalg.svd(W, full_matrices=False)
         self.U = nn.Parameter(U[:, :r0].to(**factory).contiguous())
         self.s = nn.Parameter(s[:r0].to(**factory))
@@ -69,9 +71,10 @@ class SSALayer(nn.Module):
             self.bias = nn.Parameter(b.to(**factory))
         else:
             self.register_parameter("bias", None)
-        self.register_buffer("target_U", BU.to(**factory))
-        self.register_buffer("target_s", BS.to(**factory))
-        self.register_buffer("target_V", BV.to(**factory))
+        self.targets = "none"
+        self.feedback_form = "gaussian"  # or "orthogonal": structure of a new feedback (the trainer sets it)
+        for name in _TARGET_BUFFERS:
+            self.register_buffer(name, None)
         self.register_buffer("feedback_P", None)
         self.register_buffer("feedback_sigma", None)
         self.register_buffer("feedback_Q", None)
@@ -123,8 +126,9 @@ class SSALayer(nn.Module):
         """``(h, t)`` of the fused forward op (``factors`` overrides ``U, s, V, bias``)."""
         raise NotImplementedError
 
-    def factor_grads(self, x: Tensor, t: Tensor, delta: Tensor, **kw) -> tuple[Tensor, ...]:
-        """``(gU, gs, gV, gb)`` of the fused factor-gradient op (``delta``: error at the pre-activation)."""
+    def factor_grads(self, x: Tensor, t: Tensor, delta: Tensor, factors=None, **kw) -> tuple[Tensor, ...]:
+        """``(gU, gs, gV, gb)`` of the fused factor-gradient op (``delta``: error at the pre-activation;
+        ``factors``: ``(U, s, V)`` in place of the layer's, e.g. with permuted columns)."""
         raise NotImplementedError
 
     def preactivation(self, t: Tensor) -> Tensor:
@@ -136,6 +140,93 @@ class SSALayer(nn.Module):
     def has_feedback(self) -> bool:
         return self.feedback_Q is not None
 
+    def _frame(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The papers' literal targets: rank-``r0`` SVD of a seeded Gaussian with the factors' shape."""
+        raise NotImplementedError
+
+    def set_targets(self, targets: str, num_classes: int | None = None) -> None:
+        """Choose the alignment targets (DESIGN §6) and build them; idempotent.
+
+        ``"feedback"`` (default of :class:`ssa.LossConfig`): ``U[:, :k] → P`` and ``s[:k] → σ`` of
+        the layer's own DFA feedback ``B = P diag(σ) Qᵀ`` (``k = min(C, d, r0)``); no target for
+        ``V``; none for a convolution (its ``U`` rows are (channel, kernel column) pairs that ``P``
+        does not index). ``"frame"``: the papers' literal reading, the leading triplets of the
+        SVD of a seeded Gaussian matrix with the factors' shape, for ``U``, ``s`` and ``V`` (the
+        feedback then takes its ``P, σ`` from that frame). ``"none"``: no targets. Builds the
+        feedback too when ``num_classes`` is given. Targets are attached to columns
+        (``target_cols``) and follow them through :meth:`reorthonormalize` (``sort=True``) and
+        :meth:`truncate`.
+        """
+        if targets not in TARGETS:
+            raise ValueError(f"{self._owner}: targets must be one of {TARGETS}, got {targets!r}")
+        changed = targets != self.targets
+        if changed and self.feedback_Q is not None and "frame" in (targets, self.targets):
+            for name in ("feedback_P", "feedback_sigma", "feedback_Q"):  # the frame form draws its own
+                setattr(self, name, None)
+        self.targets = targets
+        before = self.feedback_P
+        if num_classes is not None:
+            self.init_feedback(num_classes)
+        rebuilt = targets == "feedback" and self.feedback_P is not before  # new feedback: new targets
+        if not changed and not rebuilt and (targets == "none" or self.target_cols is not None):
+            return
+        like = dict(device=self.U.device, dtype=self.U.dtype)
+        U = V = None
+        if targets == "feedback" and isinstance(self, SSALinear):
+            if self.feedback_P is None:
+                raise RuntimeError(f"{self._owner}.set_targets: 'feedback' targets need the feedback "
+                                   "(call init_feedback(num_classes) first, or pass num_classes)")
+            U, s = self.feedback_P, self.feedback_sigma
+        elif targets == "frame":
+            U, s, V = self._frame()
+        if U is None:
+            for name in _TARGET_BUFFERS:
+                setattr(self, name, None)
+            return
+        k = min(U.shape[1], self.rank)
+        self.target_U = U[:, :k].to(**like).contiguous()
+        self.target_s = s[:k].to(**like).contiguous()
+        self.target_V = V[:, :k].to(**like).contiguous() if V is not None else None
+        self.target_cols = torch.arange(k, device=self.U.device)
+
+    @property
+    def has_targets(self) -> bool:
+        return self.target_cols is not None and self.target_cols.numel() > 0
+
+    def target_order(self) -> Tensor | None:
+        """``None`` when the targets sit on the leading columns (what the op aligns), else the column
+        order that puts the targeted columns first (the op then runs on permuted factors)."""
+        cols = self.target_cols
+        k = cols.numel()
+        if bool((cols == torch.arange(k, device=cols.device)).all()):
+            return None
+        rest = torch.ones(self.rank, dtype=torch.bool, device=cols.device)
+        rest[cols] = False
+        return torch.cat([cols, torch.nonzero(rest).flatten()])
+
+    @torch.no_grad()
+    def op_targets(self, U: Tensor, V: Tensor) -> dict:
+        """``BU, BS, BV`` for :func:`ssa_kernels.svd_factor_grads` given the factors in target order.
+
+        Each ``U`` target column takes the sign of the matching ``U`` column (a sign flip from
+        re-orthonormalisation is never fought). Without a ``V`` target, ``BV`` is ``V``'s own
+        columns, so its pull ``2·align·(V − BV)`` is exactly zero.
+        """
+        k = self.target_cols.numel()
+        BU = self.target_U
+        sign = torch.where((U[:, :k] * BU).sum(0) < 0, -1.0, 1.0).to(BU.dtype)
+        BV = self.target_V if self.target_V is not None else V[:, :k]
+        return {"BU": BU * sign, "BS": self.target_s, "BV": BV}
+
+    def _built_form(self) -> str:
+        """The structure the stored feedback was built with (read from ``σ`` after a checkpoint load)."""
+        form = getattr(self, "_form_built", None)
+        if form is None or form[0] is not self.feedback_sigma:
+            sigma = self.feedback_sigma
+            equal = sigma.numel() > 1 and bool(torch.allclose(sigma, sigma[:1].expand_as(sigma)))
+            return "orthogonal" if equal else self.feedback_form if sigma.numel() == 1 else "gaussian"
+        return form[1]
+
     def _set_feedback(self, P: Tensor, sigma: Tensor, Q: Tensor, C: int) -> None:
         sigma = sigma.double()
         sigma = sigma * math.sqrt(C) / sigma.norm()  # ‖B‖_F² = C (DESIGN §5)
@@ -143,6 +234,7 @@ class SSALayer(nn.Module):
         self.feedback_P = P.to(**like).contiguous()
         self.feedback_sigma = sigma.to(**like)
         self.feedback_Q = Q.to(**like).contiguous()
+        self._form_built = (self.feedback_sigma, self.feedback_form)
 
     # ------------------------------------------------------------------ factor surgery
     @torch.no_grad()
@@ -183,6 +275,10 @@ class SSALayer(nn.Module):
             U, s, V = U[:, perm] * signs, s[perm] * signs, V[:, perm]
             if optimizer is not None:
                 _permute_state(optimizer, self, perm)
+            if self.target_cols is not None:  # targets follow their columns: old c → new inv[c]
+                inv = torch.empty_like(perm)
+                inv[perm] = torch.arange(perm.numel(), device=perm.device)
+                self.target_cols = inv.to(self.target_cols.device)[self.target_cols]
         self._set_factors(U, s, V)
 
     @torch.no_grad()
@@ -190,7 +286,7 @@ class SSALayer(nn.Module):
         """Keep the leading ``rank`` singular triplets (DESIGN §8).
 
         Re-orthonormalises and sorts by ``s`` first, so the result is the best rank-``rank``
-        approximation of the current ``W``; slices the alignment targets to ``rank`` columns
+        approximation of the current ``W``; keeps the alignment targets of the kept columns
         and, since the kept columns are new directions, drops ``optimizer``'s state of
         ``U, s, V`` (pass the optimizer that holds them).
         """
@@ -200,9 +296,13 @@ class SSALayer(nn.Module):
                              f"{rank} (a rank cannot grow)")
         self.reorthonormalize(sort=True)
         self._set_factors(self.U[:, :rank], self.s[:rank], self.V[:, :rank])
-        self.target_U = self.target_U[:, :rank].contiguous()
-        self.target_s = self.target_s[:rank].contiguous()
-        self.target_V = self.target_V[:, :rank].contiguous()
+        if self.target_cols is not None:
+            keep = self.target_cols < rank
+            self.target_U = self.target_U[:, keep].contiguous()
+            self.target_s = self.target_s[keep].contiguous()
+            if self.target_V is not None:
+                self.target_V = self.target_V[:, keep].contiguous()
+            self.target_cols = self.target_cols[keep].contiguous()
         if optimizer is not None:
             for p in (self.U, self.s, self.V):
                 optimizer.state.pop(p, None)
@@ -213,14 +313,11 @@ class SSALayer(nn.Module):
         m, n = self.factor_shape
         self._set_factors(torch.zeros(m, rank, **like), torch.zeros(rank, **like),
                           torch.zeros(n, rank, **like))
-        self.target_U = torch.zeros(m, rank, **like)
-        self.target_s = torch.zeros(rank, **like)
-        self.target_V = torch.zeros(n, rank, **like)
 
     # ------------------------------------------------------------------ state
     def get_extra_state(self) -> dict:
         return {"r0": self.r0, "frozen_rank": self.frozen_rank, "seed": self.seed,
-                "activation": self.activation, "negative_slope": self.negative_slope}
+                "activation": self.activation, "negative_slope": self.negative_slope, "targets": self.targets}
 
     def set_extra_state(self, state: dict) -> None:
         self.r0 = int(state["r0"])
@@ -228,6 +325,10 @@ class SSALayer(nn.Module):
         self.seed = int(state["seed"])
         self.activation = state.get("activation", self.activation)
         self.negative_slope = float(state.get("negative_slope", self.negative_slope))
+        targets = state.get("targets", self.targets)
+        if targets not in TARGETS:
+            raise ValueError(f"{self._owner}: checkpoint has unknown targets {targets!r}; known: {TARGETS}")
+        self.targets = targets
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs) -> None:
@@ -235,10 +336,15 @@ class SSALayer(nn.Module):
         key = prefix + "s"
         if key in state_dict and state_dict[key].dim() == 1 and state_dict[key].shape[0] != self.rank:
             self._resize(int(state_dict[key].shape[0]))
-        for name in ("feedback_P", "feedback_sigma", "feedback_Q"):
-            if prefix + name in state_dict and getattr(self, name) is None:
+        for name in ("feedback_P", "feedback_sigma", "feedback_Q") + _TARGET_BUFFERS:
+            current = getattr(self, name)
+            if prefix + name in state_dict:
                 ref = state_dict[prefix + name]
-                setattr(self, name, torch.empty(ref.shape, device=self.U.device, dtype=self.U.dtype))
+                if current is None or current.shape != ref.shape:
+                    dtype = torch.long if name == "target_cols" else self.U.dtype
+                    setattr(self, name, torch.empty(ref.shape, device=self.U.device, dtype=dtype))
+            elif name in _TARGET_BUFFERS and current is not None:  # saved without this target
+                setattr(self, name, None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -289,8 +395,8 @@ class SSALinear(SSALayer):
         self.r0 = r0
         self.frozen_rank = False
         factory = dict(device=device, dtype=dtype if dtype is not None else torch.get_default_dtype())
-        W, b, frame = _draw(self.seed, out_features, in_features, r0)
-        self._init_factors(W, b, frame, r0, bias, factory)
+        W, b = _draw(self.seed, out_features, in_features)
+        self._init_factors(W, b, r0, bias, factory)
 
     _owner = "SSALinear"
 
@@ -336,33 +442,40 @@ class SSALinear(SSALayer):
         return ssa_kernels.lowrank_linear(x2, U, s, V, b, self.activation, self.backend,
                                           negative_slope=self.negative_slope)
 
-    def factor_grads(self, x2: Tensor, t: Tensor, delta: Tensor, **kw) -> tuple[Tensor, ...]:
-        return ssa_kernels.svd_factor_grads(x2, t, delta.reshape(x2.shape[0], -1), self.U.detach(),
-                                            self.s.detach(), self.V.detach(), backend=self.backend, **kw)
+    def factor_grads(self, x2: Tensor, t: Tensor, delta: Tensor, factors=None, **kw) -> tuple[Tensor, ...]:
+        U, s, V = factors if factors is not None else (self.U.detach(), self.s.detach(), self.V.detach())
+        return ssa_kernels.svd_factor_grads(x2, t, delta.reshape(x2.shape[0], -1), U, s, V,
+                                            backend=self.backend, **kw)
 
     def preactivation(self, t: Tensor) -> Tensor:
         a = (t.to(self.U.dtype) * self.s) @ self.U.t()
         return a + self.bias if self.bias is not None else a
 
+    def _frame(self) -> tuple[Tensor, Tensor, Tensor]:
+        return _frame(self.seed, self.out_features, self.in_features, self.r0)
+
     # ------------------------------------------------------------------ feedback
     def init_feedback(self, num_classes: int) -> None:
-        """Build the DFA feedback ``B = P diag(σ) Qᵀ`` (d×C) from the alignment frame (DESIGN §5).
+        """Build the DFA feedback ``B = P diag(σ) Qᵀ`` (out_features × C), DESIGN §5.
 
-        ``k = min(C, out_features, r0)``: ``P`` = the leading ``k`` target columns, ``σ`` their
-        singular values rescaled so that ``‖B‖_F² = C``, ``Q`` a seeded random orthonormal
-        C×k. Idempotent for the same ``num_classes``.
+        ``B`` is a seeded Gaussian with unit-norm columns, factored exactly by its SVD
+        (``k = min(C, out_features, r0)`` columns), ``σ`` rescaled so that ``‖B‖_F² = C``. With
+        the papers' literal ``"frame"`` targets (:meth:`set_targets`), ``P, σ`` are the frame's
+        leading ``k`` triplets and ``Q`` a seeded random orthonormal C×k instead. Idempotent for
+        the same ``num_classes`` and target form.
         """
         C = _check_int("num_classes", num_classes, 2)
-        if self.feedback_Q is not None and self.feedback_Q.shape[0] == C:
+        same = self.feedback_Q is not None and self.feedback_Q.shape[0] == C
+        if same and self._built_form() == self.feedback_form:
             return
         gen = torch.Generator().manual_seed(self.seed + 1)
         k = min(C, self.out_features, self.r0)
-        if self.target_U.shape[1] >= k and self.target_U.dtype in (torch.float32, torch.float64):
-            BU, BS = self.target_U, self.target_s  # the frame itself (its leading columns, exact)
-        else:  # targets already cut below k, or rounded to half precision: draw the frame again
-            _, _, (BU, BS, _) = _draw(self.seed, self.out_features, self.in_features, self.r0)
-        Q = torch.linalg.qr(torch.randn(C, k, generator=gen, dtype=torch.float64))[0]
-        self._set_feedback(BU[:, :k], BS[:k], Q, C)
+        if self.targets == "frame":
+            BU, BS, _ = self._frame()
+            Q = torch.linalg.qr(torch.randn(C, k, generator=gen, dtype=torch.float64))[0]
+            self._set_feedback(BU[:, :k], BS[:k], Q, C)
+        else:
+            self._set_feedback(*_gaussian_feedback(self.out_features, C, k, gen, self.feedback_form), C)
 
     # ------------------------------------------------------------------ dense round trip
     @classmethod
@@ -442,8 +555,8 @@ class SSAConv2d(SSALayer):
         self.r0 = r0
         self.frozen_rank = False
         factory = dict(device=device, dtype=dtype if dtype is not None else torch.get_default_dtype())
-        K, b, frame = _draw_conv(self.seed, out_channels, in_channels, kernel, r0)
-        self._init_factors(_kref.factors_from_kernel(K), b, frame, r0, bias, factory)
+        K, b = _draw_conv(self.seed, out_channels, in_channels, kernel)
+        self._init_factors(_kref.factors_from_kernel(K), b, r0, bias, factory)
 
     # ------------------------------------------------------------------ views
     @property
@@ -497,12 +610,12 @@ class SSAConv2d(SSALayer):
         return ssa_kernels.lowrank_conv2d(x, U, s, V, b, **self._geometry(), activation=self.activation,
                                           negative_slope=self.negative_slope, backend=self.backend)
 
-    def factor_grads(self, x: Tensor, t: Tensor, delta: Tensor, **kw) -> tuple[Tensor, ...]:
+    def factor_grads(self, x: Tensor, t: Tensor, delta: Tensor, factors=None, **kw) -> tuple[Tensor, ...]:
         g = self._geometry()
+        U, s, V = factors if factors is not None else (self.U.detach(), self.s.detach(), self.V.detach())
         return ssa_kernels.svd_conv_factor_grads(
-            x, t, delta.reshape(x.shape[0], self.out_channels, *delta.shape[-2:]), self.U.detach(),
-            self.s.detach(), self.V.detach(), g["kernel_size"], g["stride"], g["padding"], g["dilation"],
-            backend=self.backend, **kw)
+            x, t, delta.reshape(x.shape[0], self.out_channels, *delta.shape[-2:]), U, s, V,
+            g["kernel_size"], g["stride"], g["padding"], g["dilation"], backend=self.backend, **kw)
 
     def preactivation(self, t: Tensor) -> Tensor:
         _, K2 = _kref.conv_kernels(self.U, self.V, self.kernel_size)
@@ -519,14 +632,18 @@ class SSAConv2d(SSALayer):
         for the same ``num_classes``.
         """
         C = _check_int("num_classes", num_classes, 2, owner=self._owner)
-        if self.feedback_Q is not None and self.feedback_Q.shape[0] == C:
+        same = self.feedback_Q is not None and self.feedback_Q.shape[0] == C
+        if same and self._built_form() == self.feedback_form:
             return
         gen = torch.Generator().manual_seed(self.seed + 1)
-        B = torch.randn(self.out_channels, C, generator=gen, dtype=torch.float64)
-        B = B / B.norm(dim=0, keepdim=True).clamp_min(1e-12)
-        P, sigma, Qh = torch.linalg.svd(B, full_matrices=False)
         k = min(C, self.out_channels)
-        self._set_feedback(P[:, :k], sigma[:k], Qh[:k].t(), C)
+        self._set_feedback(*_gaussian_feedback(self.out_channels, C, k, gen, self.feedback_form), C)
+
+    def _frame(self) -> tuple[Tensor, Tensor, Tensor]:
+        m, n = self.factor_shape
+        gen = torch.Generator().manual_seed(self.seed)
+        _draw_conv(self.seed, self.out_channels, self.in_channels, self.kernel_size, gen)
+        return random_frame(m, n, self.r0, gen)
 
     # ------------------------------------------------------------------ dense round trip
     @classmethod
@@ -570,23 +687,45 @@ class SSAConv2d(SSALayer):
         return mods[0] if len(mods) == 1 else nn.Sequential(*mods)
 
 
-def _draw_conv(seed: int, N: int, C: int, kernel: tuple[int, int], r0: int):
-    """Seeded draws of a conv layer: ``nn.Conv2d``'s init of ``K, b`` and the targets (``N·kw × C·kh``)."""
-    gen = torch.Generator().manual_seed(seed)
+_TARGET_BUFFERS = ("target_U", "target_s", "target_V", "target_cols")
+
+
+def _gaussian_feedback(d: int, C: int, k: int, gen: torch.Generator,
+                       form: str = "gaussian") -> tuple[Tensor, Tensor, Tensor]:
+    """``P (d×k), σ (k), Q (C×k)`` of a seeded Gaussian ``d×C`` ``B`` with unit-norm columns (exact SVD);
+    ``form="orthogonal"``: the same ``P, Q`` with equal singular values."""
+    B = torch.randn(d, C, generator=gen, dtype=torch.float64)
+    B = B / B.norm(dim=0, keepdim=True).clamp_min(1e-12)
+    P, sigma, Qh = torch.linalg.svd(B, full_matrices=False)
+    if form == "orthogonal":
+        sigma = torch.ones_like(sigma)
+    return P[:, :k], sigma[:k], Qh[:k].t()
+
+
+def _draw_conv(seed: int, N: int, C: int, kernel: tuple[int, int], gen: torch.Generator | None = None):
+    """Seeded draws of a conv layer: ``nn.Conv2d``'s init of ``K, b`` (then the frame, see ``_frame``)."""
+    gen = gen if gen is not None else torch.Generator().manual_seed(seed)
     kh, kw = kernel
     bound = 1.0 / math.sqrt(C * kh * kw)  # kaiming_uniform(a=√5) over fan_in, and the bias's bound
     K = (torch.rand(N, C, kh, kw, generator=gen, dtype=torch.float64) * 2 - 1) * bound
     b = (torch.rand(N, generator=gen, dtype=torch.float64) * 2 - 1) * bound
-    return K, b, random_frame(N * kw, C * kh, r0, gen)
+    return K, b
 
 
-def _draw(seed: int, m: int, n: int, r0: int):
-    """The seeded draws of a layer: dense init ``W, b`` (``nn.Linear``'s distribution) and targets."""
-    gen = torch.Generator().manual_seed(seed)
+def _draw(seed: int, m: int, n: int, gen: torch.Generator | None = None):
+    """The seeded draws of a layer: dense init ``W, b`` (``nn.Linear``'s distribution)."""
+    gen = gen if gen is not None else torch.Generator().manual_seed(seed)
     bound = 1.0 / math.sqrt(n)  # nn.Linear's init: kaiming_uniform(a=√5), and its bias
     W = (torch.rand(m, n, generator=gen, dtype=torch.float64) * 2 - 1) * bound
     b = (torch.rand(m, generator=gen, dtype=torch.float64) * 2 - 1) * bound
-    return W, b, random_frame(m, n, r0, gen)
+    return W, b
+
+
+def _frame(seed: int, m: int, n: int, r0: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The ``"frame"`` targets of a linear layer: drawn from its seed after ``W, b`` (as always)."""
+    gen = torch.Generator().manual_seed(seed)
+    _draw(seed, m, n, gen)
+    return random_frame(m, n, r0, gen)
 
 
 @torch.no_grad()

@@ -7,6 +7,9 @@ from dataclasses import asdict, dataclass
 
 from ssa_kernels.reference import PROJECTIONS, SCALINGS
 
+#: Alignment-target forms (DESIGN §6); the same tuple as :data:`ssa.layers.TARGETS`.
+TARGETS = ("feedback", "frame", "none")
+
 __all__ = ["LossConfig"]
 
 
@@ -18,7 +21,11 @@ class LossConfig:
     the descent direction), ``align`` the alignment of ``(U, s, V)`` with the layer's fixed
     targets, ``ortho`` the orthogonality penalty ``‖UᵀU − I‖²``, ``hoyer`` the Hoyer
     sparsity of ``s`` (only active in rank-reduction epochs, DESIGN §8). ``scaling`` and
-    ``projection`` choose the gradient form (DESIGN §6). The defaults are the package's
+    ``projection`` choose the gradient form (DESIGN §6). ``targets`` chooses what ``align`` pulls
+    toward: ``"feedback"`` (``U[:, :k]`` toward the layer's own DFA feedback factor ``P``, ``s[:k]``
+    toward its ``σ``, hidden linear layers only), ``"frame"`` (the papers' literal reading: the SVD
+    of a fixed random matrix with the weight's shape, every layer, every factor) or ``"none"``.
+    The defaults are the package's
     (``stiefel``/``euclidean``); :meth:`v1` and :meth:`v2` are the papers' literal presets.
     Setting a coefficient to 0 is the paper's ablation of that term.
     """
@@ -32,6 +39,7 @@ class LossConfig:
     scaling: str = "euclidean"
     projection: str = "stiefel"
     eps: float = 1e-6
+    targets: str = "feedback"
 
     def __post_init__(self) -> None:
         for name in ("ce", "cos", "align", "ortho", "hoyer", "hoyer_eps", "eps"):
@@ -42,6 +50,8 @@ class LossConfig:
                 raise ValueError(f"LossConfig: {name} must be finite and >= 0, got {value}")
         if self.scaling not in SCALINGS:
             raise ValueError(f"LossConfig: scaling must be one of {SCALINGS}, got {self.scaling!r}")
+        if self.targets not in TARGETS:
+            raise ValueError(f"LossConfig: targets must be one of {TARGETS}, got {self.targets!r}")
         if self.projection not in PROJECTIONS:
             raise ValueError(f"LossConfig: projection must be one of {PROJECTIONS}, got {self.projection!r}")
 
@@ -49,12 +59,12 @@ class LossConfig:
     def v1(cls) -> LossConfig:
         """The workshop paper's five terms with its literal ``paper``/``inverse`` form."""
         return cls(ce=0.1, cos=0.01, align=0.1, ortho=0.05, hoyer=0.01, scaling="inverse",
-                   projection="paper")
+                   projection="paper", targets="frame")
 
     @classmethod
     def v2(cls) -> LossConfig:
         """The later paper's three terms with its literal ``paper``/``inverse`` form."""
-        return cls(ce=1.0, align=0.01, ortho=0.1, scaling="inverse", projection="paper")
+        return cls(ce=1.0, align=0.01, ortho=0.1, scaling="inverse", projection="paper", targets="frame")
 
     @classmethod
     def preset(cls, name: str) -> LossConfig:

@@ -581,3 +581,46 @@ def matrix_alignment(trainer) -> dict[str, float]:
                 M = W @ M  # W_N ⋯ W_{i+1}: C × d_i
             out[name] = _angle(B, M.t())
     return out
+
+
+@torch.no_grad()
+def truncated_accuracy(model: nn.Module, loader, fractions, skip_last: bool = True) -> list[dict]:
+    """Accuracy of a dense model with its layers cut by SVD after training (the post-hoc baseline).
+
+    For each fraction ``f``: a copy of ``model`` whose every ``nn.Linear`` / ``nn.Conv2d`` (but the
+    last, the output layer, when ``skip_last``) is replaced by its best rank-``ceil(f·full)``
+    approximation (a kernel as its spatial SVD ``K'``, DESIGN §4), evaluated on ``loader``.
+    Parameters are counted as an SSA model holding those ranks would: ``(m + n + 1)·r`` (+ bias)
+    for a cut layer, everything else as it is. Returns ``[{"fraction", "params", "acc"}]``.
+    """
+    from ssa_kernels.reference import factors_from_kernel
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if skip_last and names:
+        names = names[:-1]
+    device = next(model.parameters()).device
+    out = []
+    for f in fractions:
+        clone = copy.deepcopy(model).eval()
+        params = sum(p.numel() for p in clone.parameters())
+        for name in names:
+            layer = clone.get_submodule(name)
+            W = layer.weight.detach().double()
+            W2 = factors_from_kernel(W) if W.dim() == 4 else W
+            m, n = W2.shape
+            full = min(m, n)
+            r = max(1, math.ceil(f * full))
+            U, s, Vh = torch.linalg.svd(W2, full_matrices=False)
+            Wr = (U[:, :r] * s[:r]) @ Vh[:r]
+            if W.dim() == 4:
+                N, C, kh, kw = W.shape
+                Wr = Wr.reshape(N, kw, C, kh).permute(0, 2, 3, 1)
+            layer.weight.copy_(Wr.to(layer.weight.dtype))
+            params += (m + n + 1) * r - m * n
+        correct = total = 0
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            correct += int((clone(x).argmax(1) == y).sum())
+            total += int(y.shape[0])
+        out.append({"fraction": float(f), "params": int(params), "acc": correct / max(total, 1)})
+    return out

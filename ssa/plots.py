@@ -285,6 +285,34 @@ def sweep_curve(field: str, points: list[tuple[float, dict | None]], path: str) 
     return _save_path(fig, plt, path)
 
 
+def accuracy_vs_params(points: dict[str, list[tuple[float, dict | None]]], path: str,
+                       title: str | None = None) -> str | None:
+    """Test accuracy (mean ± std over seeds) against trained parameters, one series per label.
+
+    ``points[label]``: ``(params, {"mean", "std"} of the test accuracy)``; a series with several
+    points (a dense method cut by SVD after training to smaller ranks) is drawn as a line, a
+    single point (a method at its final ranks) as a marker. Log x axis.
+    """
+    series = {k: sorted((float(p), _stat(a)) for p, a in v if _stat(a) is not None)
+              for k, v in points.items()}
+    series = {k: v for k, v in series.items() if v}
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, pts in series.items():
+        style = dict(marker="o", capsize=3) if len(pts) > 1 else dict(marker="*", markersize=12, capsize=3,
+                                                                       linestyle="none")
+        ax.errorbar([p[0] for p in pts], [100 * p[1][0] for p in pts], yerr=[100 * p[1][1] for p in pts],
+                    label=label, **style)
+    ax.set_xscale("log")
+    ax.set(xlabel="trained parameters (factors count (m + n + 1)·r)", ylabel="test accuracy (%)",
+           title=title or "accuracy against parameters")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save_path(fig, plt, path)
+
+
 def _integer_epochs(ax) -> None:
     from matplotlib.ticker import MaxNLocator
 

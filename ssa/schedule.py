@@ -10,6 +10,10 @@ import torch
 
 __all__ = ["RankSchedule"]
 
+#: The default timing (:meth:`RankSchedule.default`): cuts every epoch up to a third of the run.
+DEFAULT_INTERVAL = 1
+DEFAULT_STOP_DIVISOR = 3
+
 
 @dataclass
 class RankSchedule:
@@ -20,7 +24,11 @@ class RankSchedule:
     smallest rank holding ``energy`` of ``Σ s²`` and freezes a layer for good when that
     would not cut it. Never below ``ceil(min_fraction · r0)``; with ``cap`` never above the
     rank at which the factors hold as many parameters as the dense matrix. The output
-    layer is not reduced unless ``include_output``.
+    layer is not reduced unless ``include_output``. ``stop_epoch`` ends the schedule early: no
+    cut after epoch ``stop_epoch − 1`` (0-based), and the linear decay spans
+    ``[start_epoch, stop_epoch)`` instead of ``[start_epoch, total_epochs)``, so the low rank is
+    reached early and the remaining epochs recover from the last cut (``None``: DESIGN §8 as
+    written, cuts until the end).
     """
 
     total_epochs: int
@@ -31,6 +39,7 @@ class RankSchedule:
     start_epoch: int = 0
     cap: bool = True
     include_output: bool = False
+    stop_epoch: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("total_epochs", "interval", "start_epoch"):
@@ -44,19 +53,42 @@ class RankSchedule:
         if not 0 <= self.start_epoch < self.total_epochs:
             raise ValueError("RankSchedule: start_epoch must be in [0, total_epochs), "
                              f"got {self.start_epoch}")
+        if self.stop_epoch is not None:
+            if isinstance(self.stop_epoch, bool) or not isinstance(self.stop_epoch, int):
+                raise TypeError(f"RankSchedule: stop_epoch must be an int or None, got "
+                                f"{type(self.stop_epoch).__name__}")
+            if not self.start_epoch < self.stop_epoch <= self.total_epochs:
+                raise ValueError("RankSchedule: stop_epoch must be in (start_epoch, total_epochs], "
+                                 f"got {self.stop_epoch}")
         for name in ("zeta", "energy", "min_fraction"):
             v = getattr(self, name)
             if not (isinstance(v, (int, float)) and 0 < v <= 1):
                 raise ValueError(f"RankSchedule: {name} must be in (0, 1], got {v!r}")
 
+    @classmethod
+    def default(cls, total_epochs: int) -> RankSchedule:
+        """The package's default timing for a run of ``total_epochs`` (what ``ssa.Trainer`` and
+        ``python -m ssa train`` use unless given a schedule; measured in ``docs/fidelity.md`` (d)):
+        a cut after every epoch of the first third, so the low rank is reached early and the
+        last two thirds recover from the last cut (the papers reach ``0.7·r0`` within the first
+        30 % of epochs, v2 §4.4). Runs shorter than 6 epochs get no cut (too short to recover)."""
+        stop = max(1, total_epochs // DEFAULT_STOP_DIVISOR)
+        interval = DEFAULT_INTERVAL if total_epochs >= 6 else total_epochs + 1
+        return cls(total_epochs, interval=interval, stop_epoch=stop)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     # ------------------------------------------------------------------ queries
+    @property
+    def end(self) -> int:
+        """The epoch the schedule ends at (``stop_epoch``, or ``total_epochs``)."""
+        return self.total_epochs if self.stop_epoch is None else self.stop_epoch
+
     def is_cut_epoch(self, epoch: int) -> bool:
         """Whether the end of 0-based ``epoch`` is a cut point."""
         k = epoch - self.start_epoch + 1
-        return epoch >= self.start_epoch and k % self.interval == 0
+        return self.start_epoch <= epoch < self.end and k % self.interval == 0
 
     def hoyer_active(self, epoch: int) -> bool:
         """Hoyer is on during the ``interval`` epochs that precede each cut (DESIGN §8)."""
@@ -64,7 +96,7 @@ class RankSchedule:
             return False
         k = epoch - self.start_epoch + 1
         next_cut = self.start_epoch + math.ceil(k / self.interval) * self.interval - 1
-        return next_cut < self.total_epochs
+        return next_cut < self.end
 
     def floor(self, r0: int) -> int:
         return max(1, math.ceil(_decimal(self.min_fraction) * r0))
@@ -74,7 +106,7 @@ class RankSchedule:
         # ceil(r0 · (1 − (k // interval) / ((K − start) / interval))) in exact integer arithmetic:
         # in floats, 9 · (1 − 1/3) = 6.000000000000001 would ceil to 7.
         k = epoch - self.start_epoch + 1
-        span = self.total_epochs - self.start_epoch
+        span = self.end - self.start_epoch
         return -(-r0 * (span - (k // self.interval) * self.interval) // span)
 
     # ------------------------------------------------------------------ the step

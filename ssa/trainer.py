@@ -41,7 +41,7 @@ from ssa_kernels.reference import activation_grad, feedback_signal
 
 from . import _tape
 from .baselines import FEEDBACK_MODES, swap_feedback
-from .convert import convert, to_dense
+from .convert import check_rank, check_skip, convert, to_dense
 from .layers import SSALayer
 from .loss import LossConfig
 from .schedule import RankSchedule
@@ -56,6 +56,9 @@ LOCAL_METHODS = ("ssa", "dfa", "drtp")
 UNIT_METHODS = LOCAL_METHODS + ("sgr",)
 MEMORY_MODES = ("store", "recompute")
 OPTIMIZERS = ("adam", "adamw", "sgd")
+OUTPUT_LAYERS = ("ssa", "dense")
+INITS = ("torch", "paper")
+FEEDBACKS = ("gaussian", "orthogonal")
 
 #: Activation modules folded into the preceding SSA layer's fused kernel.
 FUSIBLE = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.LeakyReLU: "leaky_relu"}
@@ -243,7 +246,10 @@ class Trainer:
         optimizer: ``"adam"`` (``fused=True`` where torch supports it), ``"adamw"``, ``"sgd"``
             (momentum 0.9), or a callable ``params -> torch.optim.Optimizer``.
         lr: learning rate for the named optimizers.
-        schedule: a :class:`RankSchedule` (``ssa`` only) or ``None``.
+        schedule: ``"default"`` (:meth:`RankSchedule.default` for the number of epochs :meth:`fit`
+            trains; a loop of your own without :meth:`fit` gets no rank schedule from it), a
+            :class:`RankSchedule` (``ssa`` only) or ``None`` (no rank reduction). Other methods
+            have no rank schedule (``"default"`` means none for them).
         memory: ``"store"`` or ``"recompute"`` (DESIGN §5; same update, memory flat in depth).
         reorth_every: re-orthonormalise every SSA layer every this many steps (``None``: never).
         seed: seeds the conversion, the feedback of dense/local units and ``torch``'s RNG.
@@ -252,7 +258,20 @@ class Trainer:
             class sets ``ssa_local = True`` (the residual blocks of :mod:`ssa.models`) are
             local modules too.
         freeze_norms: leave the affine parameters of norms after SSA layers untrained.
-        rank: initial rank of converted layers (``None``: full).
+        rank: initial rank of converted layers: ``None`` (full), an int, or per layer type
+            ``{"linear": r, "conv": r}`` (clipped to each layer's full rank; a missing key: full),
+            see :func:`ssa.convert`.
+        output_layer: ``"ssa"`` or ``"dense"``: keep the output layer (the model's last
+            ``nn.Linear`` / ``nn.Conv2d``, checked at the first step) dense. It gets the true error
+            ``e`` either way, so dense it is trained exactly as by BP.
+        init: ``"torch"`` (the layers' own initialisation) or ``"paper"``: the SSA papers' He
+            (Kaiming normal, fan-in) for convolutions and Xavier (Glorot uniform) for linear layers,
+            zero biases, drawn from ``seed`` before any conversion (every method gets the same).
+        factor_lr: learning-rate multipliers of the SSA factors, e.g. ``{"s": 10.0}`` (keys among
+            ``"U"``, ``"s"``, ``"V"``; the named optimizers only).
+        feedback: structure of the DFA feedback ``B`` (hidden SSA layers and dense DFA/DRTP
+            layers): ``"gaussian"`` (a Gaussian with unit-norm columns, DESIGN §5) or
+            ``"orthogonal"`` (orthonormal columns: all singular values equal, same ``‖B‖_F² = C``).
         skip: names or types of ``nn.Linear`` / ``nn.Conv2d`` layers to leave dense (trained by
             plain DFA).
         backend: ``ssa_kernels`` backend for every op.
@@ -278,10 +297,12 @@ class Trainer:
 
     def __init__(self, model: nn.Module, num_classes: int, method: str = "ssa",
                  loss: LossConfig | None = None,
-                 optimizer="adam", lr: float = 1e-3, schedule: RankSchedule | None = None,
+                 optimizer="adam", lr: float = 1e-3, schedule: RankSchedule | str | None = "default",
                  memory: str = "store", reorth_every: int | None = None, seed: int = 0, *,
-                 local_modules=(), freeze_norms: bool = False, rank: int | None = None, skip=(),
-                 backend: str = "auto", device=None, lr_milestones=(), lr_gamma: float = 0.1,
+                 local_modules=(), freeze_norms: bool = False, rank=None, skip=(),
+                 output_layer: str = "ssa", init: str = "torch", factor_lr: dict | None = None,
+                 feedback: str = "gaussian", backend: str = "auto", device=None, lr_milestones=(),
+                 lr_gamma: float = 0.1,
                  lr_scheduler=None, sgr_lambda: float = 1.0, align_every: int | None = None,
                  measure_memory: bool = False) -> None:
         if not isinstance(model, nn.Module):
@@ -296,8 +317,16 @@ class Trainer:
             loss = LossConfig()
         if not isinstance(loss, LossConfig):
             raise TypeError(f"Trainer: loss must be a LossConfig, got {type(loss).__name__}")
+        if isinstance(schedule, str):
+            if schedule != "default":
+                raise ValueError(f"Trainer: schedule must be 'default', a RankSchedule or None, "
+                                 f"got {schedule!r}")
+            self._default_schedule = method == "ssa"
+            schedule = None
+        else:
+            self._default_schedule = False
         if schedule is not None and not isinstance(schedule, RankSchedule):
-            raise TypeError("Trainer: schedule must be a RankSchedule or None, "
+            raise TypeError("Trainer: schedule must be 'default', a RankSchedule or None, "
                             f"got {type(schedule).__name__}")
         if schedule is not None and method != "ssa":
             raise ValueError(f"Trainer: a rank schedule needs method='ssa', got {method!r}")
@@ -312,6 +341,23 @@ class Trainer:
         if align_every is not None and (isinstance(align_every, bool) or not isinstance(align_every, int)
                                         or align_every < 1):
             raise ValueError(f"Trainer: align_every must be None or an int >= 1, got {align_every!r}")
+        if output_layer not in OUTPUT_LAYERS:
+            raise ValueError(f"Trainer: output_layer must be one of {OUTPUT_LAYERS}, got {output_layer!r}")
+        if init not in INITS:
+            raise ValueError(f"Trainer: init must be one of {INITS}, got {init!r}")
+        if feedback not in FEEDBACKS:
+            raise ValueError(f"Trainer: feedback must be one of {FEEDBACKS}, got {feedback!r}")
+        factor_lr = dict(factor_lr or {})
+        for key, value in factor_lr.items():
+            if key not in ("U", "s", "V"):
+                raise ValueError(f"Trainer: factor_lr keys must be among 'U', 's', 'V', got {key!r}")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"Trainer: factor_lr[{key!r}] must be a positive number, got {value!r}")
+        if factor_lr and method not in ("ssa", "svd_bp"):
+            raise ValueError(f"Trainer: factor_lr applies to SSA factors (method 'ssa' or 'svd_bp'), "
+                             f"got method={method!r}")
+        rank = check_rank(rank, "Trainer")
+        skip = check_skip(model, skip, "Trainer")
         if not isinstance(measure_memory, bool):
             raise TypeError(f"Trainer: measure_memory must be a bool, got {type(measure_memory).__name__}")
         self.num_classes, self.method, self.loss, self.memory = num_classes, method, loss, memory
@@ -319,6 +365,8 @@ class Trainer:
         self.freeze_norms, self.lr = freeze_norms, float(lr)
         self.sgr_lambda, self.align_every = float(sgr_lambda), align_every
         self.measure_memory = measure_memory
+        self.output_layer, self.init, self.factor_lr = output_layer, init, factor_lr
+        self.feedback_form = feedback
         self._angles: list[dict[str, float]] = []  # gradient angles measured in the current epoch
         self._sgr_pairs: list | None = None  # (input, detached leaf) per unit while an sgr forward runs
         self._target: Tensor | None = None  # drtp: the batch's −onehot(y)/p
@@ -331,6 +379,16 @@ class Trainer:
         self.units: list[_Unit] = []
         self._unit_of: dict[nn.Module, _Unit] = {}
         self.feedback: dict[str, Tensor] = {}
+        if init == "paper":
+            _paper_init(model)
+        self._dense_output: str | None = None
+        if output_layer == "dense" and method in ("ssa", "svd_bp"):
+            self._dense_output = _last_layer(model)
+            skip = skip + (self._dense_output,)
+            parent, _, child = self._dense_output.rpartition(".")
+            holder = model.get_submodule(parent) if parent else model
+            if isinstance(getattr(holder, child), SSALayer):
+                setattr(holder, child, getattr(holder, child).to_dense())
         if method in ("ssa", "svd_bp"):
             convert(model, rank=rank, skip=skip, seed=seed)
             for layer in model.modules():
@@ -402,7 +460,12 @@ class Trainer:
         self._handled = handled
         for u in self.units:
             if u.kind == "ssa":
-                u.head.init_feedback(self.num_classes)
+                u.head.feedback_form = self.feedback_form
+                u.head.set_targets(self.loss.targets, self.num_classes)
+            elif u.kind == "local":  # SSA layers inside a local module have no feedback of their own
+                for layer in u.head.modules():
+                    if isinstance(layer, SSALayer):
+                        layer.set_targets("frame" if self.loss.targets == "frame" else "none")
 
     def _fold_activations(self, inside_local) -> None:
         for parent in self.model.modules():
@@ -482,6 +545,9 @@ class Trainer:
     def _make_optimizer(self, optimizer) -> torch.optim.Optimizer:
         params = self._trainable()
         if callable(optimizer) and not isinstance(optimizer, str):
+            if self.factor_lr:
+                raise ValueError("Trainer: factor_lr applies to the named optimizers; with an optimizer "
+                                 "callable, build the parameter groups in it")
             opt = optimizer(params)
             if not isinstance(opt, torch.optim.Optimizer):
                 raise TypeError("Trainer: an optimizer callable must return a torch.optim.Optimizer")
@@ -489,6 +555,13 @@ class Trainer:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"Trainer: optimizer must be one of {OPTIMIZERS} or a callable, "
                              f"got {optimizer!r}")
+        if self.factor_lr:  # one group per learning rate (SSA factors by name)
+            role = {id(getattr(m, k)): k for m in self.model.modules() if isinstance(m, SSALayer)
+                    for k in ("U", "s", "V")}
+            groups: dict[float, list] = {}
+            for p in params:
+                groups.setdefault(self.lr * self.factor_lr.get(role.get(id(p)), 1.0), []).append(p)
+            params = [{"params": ps, "lr": lr} for lr, ps in groups.items()]
         if optimizer == "sgd":
             return torch.optim.SGD(params, lr=self.lr, momentum=0.9)
         cls = torch.optim.Adam if optimizer == "adam" else torch.optim.AdamW
@@ -608,6 +681,12 @@ class Trainer:
     def _mark_output(self, z: Tensor) -> None:
         for unit in self.units:
             unit.is_output = unit.out_ref is not None and unit.out_ref() is z
+        if self._dense_output is not None:
+            found = [u.name for u in self.units if u.is_output]
+            if found and found[0] != self._dense_output:
+                raise ValueError(f"Trainer: output_layer='dense' took {self._dense_output!r} (the model's "
+                                 "last nn.Linear / nn.Conv2d) as the output layer, but the output comes from "
+                                 f"{found[0]!r}; name the layer in skip= instead")
 
     def _clear(self) -> None:
         for unit in self.units:
@@ -627,6 +706,9 @@ class Trainer:
         B = self.feedback.get(unit.name)
         if B is None or B.shape[0] != d:
             B = torch.randn(d, self.num_classes, generator=self._generator(unit.name), dtype=torch.float64)
+            if self.feedback_form == "orthogonal":  # equal singular values (orthonormal columns if d >= C)
+                P, _, Qh = torch.linalg.svd(B, full_matrices=False)
+                B = P @ Qh
             B = B / B.norm(dim=0, keepdim=True)  # unit-norm columns: ‖B‖_F² = C
             B = B.to(device=like.device, dtype=like.dtype)
             self.feedback[unit.name] = B
@@ -691,11 +773,24 @@ class Trainer:
         return (self.loss.hoyer > 0 and self.schedule is not None and not layer.frozen_rank
                 and self.schedule.hoyer_active(self.epoch))
 
-    def _factor_grads(self, layer: SSALayer, x2: Tensor, t: Tensor, delta: Tensor) -> None:
+    def _factor_grads(self, layer: SSALayer, x2: Tensor, t: Tensor, delta: Tensor,
+                      is_output: bool = False) -> None:
         kw = self.loss.factor_kwargs(self._hoyer_on(layer))
-        if kw["align"] > 0:
-            kw.update(BU=layer.target_U, BS=layer.target_s, BV=layer.target_V)
-        gU, gs, gV, gb = layer.factor_grads(x2, t, delta, **kw)
+        # DESIGN §6: feedback targets exist only where the layer has a DFA signal (not the output layer).
+        aligned = kw["align"] > 0 and layer.has_targets and not (is_output and layer.targets == "feedback")
+        order = layer.target_order() if aligned else None
+        if not aligned:
+            kw["align"] = 0.0
+            gU, gs, gV, gb = layer.factor_grads(x2, t, delta, **kw)
+        elif order is None:
+            kw.update(layer.op_targets(layer.U.detach(), layer.V.detach()))
+            gU, gs, gV, gb = layer.factor_grads(x2, t, delta, **kw)
+        else:  # targets on columns a sort moved: run the (column-equivariant) op on permuted factors
+            U, s_, V = (layer.U.detach()[:, order], layer.s.detach()[order], layer.V.detach()[:, order])
+            kw.update(layer.op_targets(U, V))
+            gU, gs, gV, gb = layer.factor_grads(x2, t.index_select(1, order), delta, factors=(U, s_, V), **kw)
+            inv = torch.argsort(order)
+            gU, gs, gV = gU[:, inv], gs[inv], gV[:, inv]
         _accumulate(layer.U, gU)
         _accumulate(layer.s, gs)
         _accumulate(layer.V, gV)
@@ -724,7 +819,7 @@ class Trainer:
                     h = cap["h"].reshape(delta.shape)
                     delta = delta * activation_grad(h, layer.activation, layer.negative_slope)
             if unit.kind == "ssa":
-                self._factor_grads(layer, cap["x"], cap["t"], delta)
+                self._factor_grads(layer, cap["x"], cap["t"], delta, unit.is_output)
             elif isinstance(layer, nn.Conv2d):  # plain DFA of a dense conv: its own weight-gradient
                 with torch.enable_grad():
                     w = layer.weight.detach().requires_grad_(True)
@@ -1002,6 +1097,8 @@ class Trainer:
         """
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             raise ValueError(f"Trainer.fit: epochs must be an int >= 1, got {epochs!r}")
+        if self._default_schedule and self.schedule is None:  # the library's default timing
+            self.schedule = RankSchedule.default(epochs)
         latest = os.path.join(checkpoint_dir, "latest.pt") if checkpoint_dir else None
         if resume:
             if latest is None:
@@ -1109,6 +1206,32 @@ class Trainer:
         gen = getattr(train_loader, "generator", None)
         if isinstance(gen, torch.Generator) and state["rng"].get("loader") is not None:
             gen.set_state(state["rng"]["loader"])
+
+
+def _last_layer(model: nn.Module) -> str:
+    """Qualified name of the model's last ``nn.Linear`` / ``nn.Conv2d`` / SSA layer (module order)."""
+    names = [n for n, m in model.named_modules() if isinstance(m, DENSE + (SSALayer,))]
+    if not names:
+        raise ValueError("Trainer: output_layer='dense' found no nn.Linear / nn.Conv2d in the model")
+    return names[-1]
+
+
+@torch.no_grad()
+def _paper_init(model: nn.Module) -> None:
+    """The SSA papers' initialisation: He (Kaiming normal, fan-in, ReLU) for convolutions, Xavier
+    (Glorot uniform) for linear layers, zero biases (torch's global RNG, seeded by the trainer)."""
+    for m in model.modules():
+        if isinstance(m, SSALayer):
+            raise ValueError("Trainer: init='paper' initialises dense layers; the model already holds SSA "
+                             "layers (build it from nn.Linear / nn.Conv2d, or use init='torch')")
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+        else:
+            continue
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
 
 
 def _accumulate(param: nn.Parameter, grad: Tensor) -> None:

@@ -61,10 +61,11 @@ def _table_rows(text: str) -> dict[str, list[str]]:
     ({"sweep": {"field": "align", "values": [0.1, -1]}}, "'sweep.values[1]'"),
     ({"ablation": ["ce"]}, "'ablation[0]'"),
     ({"overrides": {"adam": {"lr": 0.1}}}, "'overrides.adam'"),
-    ({"overrides": {"bp": {"batch_size": 8}}}, "'overrides.bp.batch_size'"),
+    ({"overrides": {"bp": {"batch_size": 0}}}, "'overrides.bp.batch_size'"),  # overridable, must be >= 1
+    ({"overrides": {"bp": {"seeds": [3]}}}, "'overrides.bp.seeds'"),     # not overridable
     ({"overrides": {"bp": {"lr": 0}}}, "'overrides.bp.lr'"),
     ({"overrides": {"ssa": {"loss": {"align": "much"}}}}, "'overrides.ssa.loss.align'"),
-    ({"dataset": "mnist"}, "'dataset'"),
+    ({"dataset": "svhn"}, "'dataset'"),                                # not in ssa.data.available()
     ({"model": "resnet999"}, "'model'"),
     ({"model_kwargs": {"width": 3}}, "'model_kwargs.width'"),
     ({"augment": True}, "'augment'"),                                  # digits has no augmentation
@@ -111,7 +112,7 @@ def test_shipped_configs_validate(path):
     assert config["name"] == path.stem and set(config["methods"]) <= set(METHODS)
     for mode in compare.MODES:
         assert compare.variants(config, mode)
-    if config["dataset"] != "digits":  # the CIFAR recipe, and the data folder the user must give
+    if config["dataset"] not in ("digits", "mnist"):  # file datasets: the CIFAR recipe and a data folder
         assert config["augment"] and config["lr_milestones"] == [20, 40, 60] and config["lr_gamma"] == 0.1
         with pytest.raises(ValueError, match="config field 'data_root'"):
             compare.check_runtime({**config, "device": "cpu", "data_root": None})

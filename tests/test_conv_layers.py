@@ -122,16 +122,25 @@ def test_backprop_through_the_layer_matches_the_dense_conv():
 
 def test_truncate_reorthonormalize_and_checkpoint_resize():
     layer = ssa.SSAConv2d(4, 6, 3, padding=1, seed=3)
+    assert layer.target_U is None  # no targets until asked for; a conv has them only as "frame"
+    layer.set_targets("frame")
+    assert layer.target_U.shape == (18, 12) and layer.target_V.shape == (12, 12)
     with torch.no_grad():
-        layer.U.add_(0.01 * torch.randn_like(layer.U))
+        layer.U.add_(0.01 * torch.randn_like(layer.U, generator=torch.Generator().manual_seed(0)))
     W = layer.weight.clone()
     layer.reorthonormalize()
     torch.testing.assert_close(layer.weight, W, rtol=1e-4, atol=1e-5)
     assert layer.ortho_error() < 1e-5
     Kp = (layer.U * layer.s) @ layer.V.t()
     best = torch.linalg.svd(Kp.detach().double())
+    pos = torch.argsort(torch.argsort(layer.s.detach().abs(), descending=True))  # column -> sorted place
+    old_U = layer.target_U.clone()
     layer.truncate(5)
-    assert layer.rank == 5 and layer.target_U.shape == (18, 5) and layer.target_V.shape == (12, 5)
+    kept = pos < 5  # targets of the kept columns stay, attached to where their columns went
+    assert layer.rank == 5 and torch.equal(layer.target_cols, pos[kept])
+    n = int(kept.sum())
+    assert 0 < n <= 5 and layer.target_U.shape == (18, n) and layer.target_V.shape == (12, n)
+    assert torch.equal(layer.target_U, old_U[:, kept])
     approx = (best.U[:, :5] * best.S[:5]) @ best.Vh[:5]
     torch.testing.assert_close(
         ((layer.U * layer.s) @ layer.V.t()).detach().double(), approx, rtol=1e-4, atol=1e-5
@@ -139,9 +148,11 @@ def test_truncate_reorthonormalize_and_checkpoint_resize():
     layer.init_feedback(10)
     fresh = ssa.SSAConv2d(4, 6, 3, padding=1, seed=3)
     fresh.load_state_dict(layer.state_dict())
-    assert fresh.rank == 5
+    assert fresh.rank == 5 and fresh.targets == "frame"
     torch.testing.assert_close(fresh.weight, layer.weight)
     torch.testing.assert_close(fresh.feedback_P, layer.feedback_P)
+    for name in ("target_U", "target_s", "target_V", "target_cols"):
+        assert torch.equal(getattr(fresh, name), getattr(layer, name)), name
 
 
 def test_feedback_is_per_channel_with_unit_columns_on_average():
@@ -236,12 +247,15 @@ def _batch(p=6, C=5, seed=0):
     return torch.randn(p, 2, 6, 6, generator=g), torch.randint(0, C, (p,), generator=g)
 
 
-def test_conv_step_is_the_op_sequence_with_channel_shared_feedback():
+@pytest.mark.parametrize("targets", ["feedback", "frame"])
+def test_conv_step_is_the_op_sequence_with_channel_shared_feedback(targets):
     model = _convnet()
-    loss = ssa.LossConfig(align=0.05, ortho=0.5)
+    loss = ssa.LossConfig(align=0.05, ortho=0.5, targets=targets)
     tr = ssa.Trainer(model, 5, loss=loss)
     c1, c2, fc = model[0], model[3], model[6]
     assert isinstance(c1, ssa.SSAConv2d) and c1.activation == "relu" and c2.activation == "tanh"
+    # DESIGN §6: a convolution has no "feedback" target (P does not index the rows of its U)
+    assert all((c.target_U is not None) == (targets == "frame") for c in (c1, c2))
     x, y = _batch()
     with tr.record():
         z = model(x)
@@ -267,6 +281,12 @@ def test_conv_step_is_the_op_sequence_with_channel_shared_feedback():
             e, layer.feedback_P, layer.feedback_sigma, layer.feedback_Q, h, layer.activation
         )
         torch.testing.assert_close(fast, delta, rtol=1e-5, atol=1e-7)
+        if targets == "frame":  # each U target column takes the sign of its U column; no column moved
+            U = layer.U.detach()
+            sign = torch.where((U * layer.target_U).sum(0) < 0, -1.0, 1.0)
+            align = dict(BU=layer.target_U * sign, BS=layer.target_s, BV=layer.target_V)
+        else:
+            align = dict(kw, align=0.0)
         want = ssa_kernels.svd_conv_factor_grads(
             xin,
             t,
@@ -277,10 +297,7 @@ def test_conv_step_is_the_op_sequence_with_channel_shared_feedback():
             3,
             1,
             1,
-            BU=layer.target_U,
-            BS=layer.target_s,
-            BV=layer.target_V,
-            **kw,
+            **{**kw, **align},
         )
         name = "0" if layer is c1 else "3"
         for part, w in zip(("U", "s", "V", "bias"), want):

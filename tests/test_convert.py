@@ -100,8 +100,9 @@ def test_skip_by_name():
     ssa.convert(model, skip="stem.0")  # one name as a plain string
     assert dense_linears(model) == ["stem.0"]
     model = net()
-    ssa.convert(model, skip=["block.fc"])  # not a module path prefix: nothing skipped
-    assert dense_linears(model) == []
+    with pytest.raises(ValueError, match="'block.fc'"):  # not a module path: refused, naming it
+        ssa.convert(model, skip=["block.fc"])
+    assert dense_linears(model) == NAMES and not ssa_layers(model)  # checked before anything is swapped
 
 
 def test_skip_by_type():
@@ -211,8 +212,11 @@ def test_layer_i_gets_seed_plus_i():
     la, lb, lc = ssa_layers(a), ssa_layers(b), ssa_layers(c)
     assert [m.seed for m in la.values()] == list(range(7, 7 + len(NAMES)))
     assert [m.seed for m in lc.values()] == list(range(8, 8 + len(NAMES)))
-    for n in NAMES:  # targets depend on the seed (and shape) only, not on the dense weights
-        for t in ("target_U", "target_s", "target_V"):
+    for layer in (*la.values(), *lb.values(), *lc.values()):  # targets are built on demand
+        assert layer.target_U is None
+        layer.set_targets("frame", 5)
+    for n in NAMES:  # targets and feedback depend on the seed (and shape) only, not on the dense weights
+        for t in ("target_U", "target_s", "target_V", "feedback_P", "feedback_sigma", "feedback_Q"):
             assert torch.equal(getattr(la[n], t), getattr(lb[n], t)), (n, t)
         assert not torch.equal(la[n].target_U, lc[n].target_U)
         assert not torch.equal(la[n].U, lb[n].U)  # the factors do come from the dense weights

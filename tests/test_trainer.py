@@ -56,15 +56,22 @@ def test_step_is_the_op_sequence_of_design():
     torch.testing.assert_close(z, hs[-1])
     e = (hs[-1].softmax(1) - F.one_hot(y, 5)) / x.shape[0]
     for i, layer in enumerate(L):
+        U, s, V = layer.U.detach(), layer.s.detach(), layer.V.detach()
         if i == len(L) - 1:
             delta = e
+            align = dict(align=0.0)  # DESIGN §6: the output layer has no feedback, so no target
         else:
             delta = ssa_kernels.dfa_project(e, layer.feedback_P, layer.feedback_sigma, layer.feedback_Q,
                                             hs[i], layer.activation, backend="reference")
-        want = ssa_kernels.svd_factor_grads(xs[i], ts[i], delta, layer.U.detach(), layer.s.detach(),
-                                            layer.V.detach(), BU=layer.target_U, BS=layer.target_s,
-                                            BV=layer.target_V, ce=1.0, align=0.05, ortho=0.5,
-                                            backend="reference")
+            # "feedback" targets: U[:, :k] -> P (each column sign-matched to U's), s[:k] -> sigma, and
+            # no V target (BV = V's own leading columns: zero pull)
+            k = layer.feedback_P.shape[1]
+            assert torch.equal(layer.target_U, layer.feedback_P) and layer.target_V is None
+            assert torch.equal(layer.target_cols, torch.arange(k))
+            sign = torch.where((U[:, :k] * layer.feedback_P).sum(0) < 0, -1.0, 1.0)
+            align = dict(BU=layer.feedback_P * sign, BS=layer.feedback_sigma, BV=V[:, :k], align=0.05)
+        want = ssa_kernels.svd_factor_grads(xs[i], ts[i], delta, U, s, V, ce=1.0, ortho=0.5,
+                                            backend="reference", **align)
         name = str(list(model).index(layer))
         for suffix, w in zip(("U", "s", "V", "bias"), want):
             torch.testing.assert_close(got[f"{name}.{suffix}"], w, rtol=1e-4, atol=1e-6)
