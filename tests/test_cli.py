@@ -71,3 +71,28 @@ def test_convnets_are_selectable(tmp_path, capsys, model):
     assert len(result["ranks"]) == {"lenet": 5, "resnet20": 22}[model]  # every conv and linear layer is SSA
     config = yaml.safe_load((out / "config.yaml").read_text())
     assert config["model"] == model and config["lr_milestones"] == [1]
+
+
+def test_train_uses_the_library_defaults_and_the_new_options(tmp_path, monkeypatch):
+    made = []
+    real = ssa.cli.Trainer
+
+    def spy(*args, **kwargs):
+        made.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ssa.cli, "Trainer", spy)
+    out = tmp_path / "run"
+    ssa.cli.main(["train", "--method", "ssa,dfa", "--epochs", "1", "--quiet", "--no-plots",
+                  "--out", str(out)])
+    assert made[0]["schedule"] == "default" and made[1]["schedule"] is None  # RankSchedule.default, by fit
+    assert made[0]["loss"] == ssa.LossConfig() and made[0]["lr"] == 1e-3
+    made.clear()
+    ssa.cli.main(["train", "--method", "ssa", "--epochs", "1", "--quiet", "--no-plots", "--targets",
+                  "frame", "--output-layer", "dense", "--interval", "1", "--stop-epoch", "1",
+                  "--out", str(tmp_path / "b")])
+    kw = made[0]
+    assert kw["loss"].targets == "frame" and kw["output_layer"] == "dense"
+    assert kw["schedule"] == ssa.RankSchedule(1, interval=1, stop_epoch=1)
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert "5" not in results[0]["ranks"]  # the output layer stayed dense

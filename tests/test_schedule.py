@@ -225,3 +225,58 @@ def test_non_int_epochs():
 def test_to_dict_round_trip():
     sched = ssa.RankSchedule(25, interval=4, zeta=0.5, start_epoch=3, cap=False, include_output=True)
     assert ssa.RankSchedule(**sched.to_dict()) == sched
+
+
+# ------------------------------------------------------------------ stop_epoch and the default timing
+def test_stop_epoch_ends_the_schedule_and_spans_the_decay():
+    s = ssa.RankSchedule(15, interval=1, stop_epoch=5)
+    assert [e for e in range(15) if s.is_cut_epoch(e)] == [0, 1, 2, 3, 4]
+    # The linear decay runs over [start, stop): 100 → 80, 60, 40, 20 (not 100·(1 − k/15)).
+    assert [s.target(e, 100) for e in range(4)] == [80, 60, 40, 20]
+    assert [e for e in range(15) if s.hoyer_active(e)] == [0, 1, 2, 3, 4]
+    full = ssa.RankSchedule(15, interval=1)
+    assert full.target(0, 100) == 94 and full.is_cut_epoch(14)
+
+
+def test_stop_epoch_stops_cutting_a_real_layer():
+    torch.manual_seed(0)
+    layer = ssa.SSALinear(64, 48)
+    s = ssa.RankSchedule(12, interval=1, stop_epoch=3)
+    ranks = []
+    for epoch in range(12):
+        s.step_layer(layer, epoch)
+        ranks.append(layer.rank)
+    assert ranks[2] < 48 and len(set(ranks[2:])) == 1  # cut in the first three epochs, never after
+
+
+@pytest.mark.parametrize("bad", [dict(stop_epoch=0), dict(stop_epoch=11), dict(start_epoch=4, stop_epoch=4)])
+def test_bad_stop_epoch(bad):
+    with pytest.raises(ValueError, match="stop_epoch"):
+        ssa.RankSchedule(10, **bad)
+    with pytest.raises(TypeError, match="stop_epoch"):
+        ssa.RankSchedule(10, stop_epoch=2.0)
+
+
+@pytest.mark.parametrize("epochs", [1, 3, 5, 6, 15, 20, 30])
+def test_default_timing_cuts_in_the_first_third(epochs):
+    s = ssa.RankSchedule.default(epochs)
+    cuts = [e for e in range(epochs) if s.is_cut_epoch(e)]
+    assert cuts == (list(range(epochs // 3)) if epochs >= 6 else [])
+    assert ssa.RankSchedule(**s.to_dict()) == s
+
+
+def test_trainer_default_schedule_is_made_by_fit():
+    train, _ = ssa.data.digits(batch_size=256, seed=0)
+    nn = torch.nn
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    t = ssa.Trainer(model, 10, method="ssa")
+    assert t.schedule is None
+    t.fit(train, 6)
+    assert t.schedule == ssa.RankSchedule.default(6)
+    assert t.ranks()["1"] < 32  # cut in the first two epochs
+    assert ssa.Trainer(model, 10, method="dfa").schedule is None
+    t = ssa.Trainer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), 10, schedule=None)
+    t.fit(train, 6)
+    assert t.schedule is None and t.ranks()["1"] == 10
+    with pytest.raises(ValueError, match="schedule"):
+        ssa.Trainer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), 10, schedule="fast")
