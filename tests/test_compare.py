@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -289,3 +290,59 @@ def test_plots_skip_what_is_missing(tmp_path):
                              str(tmp_path / "sweep.png"))
     for p in tmp_path.iterdir():
         assert p.read_bytes()[:4] == b"\x89PNG"
+
+
+# ---------------------------------------------------------------------------- studies: variants, truncate
+STUDY = {**{k: v for k, v in TINY.items() if k != "methods"}, "seeds": [0], "truncate": [0.5, 0.25],
+         "variants": [{"name": "bp", "method": "bp"}, {"name": "dfa", "method": "dfa"},
+                      {"name": "ssa", "method": "ssa"},
+                      {"name": "ssa targets none", "method": "ssa", "loss": {"targets": "none"},
+                       "rank": {"linear": 8}, "batch_size": 128, "factor_lr": {"s": 3.0}},
+                      {"name": "dfa orthogonal", "method": "dfa", "feedback": "orthogonal", "init": "paper"},
+                      {"name": "ssa default schedule", "method": "ssa", "schedule": "default",
+                       "output_layer": "dense"}]}
+
+
+def test_variants_validate_and_carry_their_fields():
+    config = compare.load_config(STUDY)
+    assert config["methods"] == ["bp", "dfa", "ssa"] and compare.load_config(config) == config
+    plan = {v["name"]: v for v in compare.variants(config)}
+    assert list(plan) == [v["name"] for v in STUDY["variants"]]
+    s = plan["ssa targets none"]["settings"]
+    assert s["loss"]["targets"] == "none" and s["loss"]["align"] == 0.01 and s["rank"] == {"linear": 8}
+    assert s["batch_size"] == 128 and s["factor_lr"] == {"s": 3.0}
+    base = plan["ssa"]["settings"]
+    assert base["batch_size"] == 256 and base["schedule"]["interval"] == 1
+    assert plan["ssa default schedule"]["settings"]["schedule"] == "default"
+    assert plan["dfa orthogonal"]["settings"]["feedback"] == "orthogonal"
+    assert config["truncate"] == [0.5, 0.25]
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"variants": [{"name": "a", "method": "ssa"}, {"name": "a", "method": "dfa"}]}, "variants[1].name"),
+    ({"variants": [{"name": "a", "method": "nope"}]}, "variants[0].method"),
+    ({"variants": [{"name": "a", "method": "ssa", "seeds": [1]}]}, "variants[0].seeds"),
+    ({"variants": [{"name": "a", "method": "ssa", "rank": {"dense": 3}}]}, "variants[0].rank.dense"),
+    ({"variants": [{"name": "a", "method": "ssa", "factor_lr": {"s": -1}}]}, "variants[0].factor_lr.s"),
+    ({"variants": [{"method": "ssa"}]}, "variants[0]"),
+    ({"variants": [{"name": "a", "method": "ssa"}], "methods": ["bp"]}, "variants"),
+    ({"truncate": [1.5]}, "truncate"),
+    ({"variants": [{"name": "a", "method": "ssa", "schedule": {"stop_epoch": 9}}]}, "variants[0].schedule"),
+])
+def test_bad_study_fields_are_named(change, field):
+    with pytest.raises(ValueError, match=re.escape(f"config field '{field}")):
+        compare.load_config({**{k: v for k, v in TINY.items() if k != "methods"}, **change})
+
+
+def test_a_study_runs_with_paired_rows_truncation_and_the_params_plot(tmp_path):
+    out = tmp_path / "study"
+    results = compare.run(STUDY, str(out), quiet=True)
+    rows = {v["variant"]: v for v in results["variants"]}
+    # Same seed, same initial weights: bp and "dfa orthogonal" differ (init="paper"), bp and dfa start equal.
+    cut = rows["dfa"]["runs"][0]["truncated"]
+    assert [c["fraction"] for c in cut] == [0.5, 0.25] and cut[0]["params"] > cut[1]["params"]
+    assert "truncated" not in rows["ssa"]["runs"][0]
+    assert rows["ssa targets none"]["runs"][0]["ranks"]["1"] <= 8
+    assert "5" not in rows["ssa default schedule"]["runs"][0]["ranks"]  # output layer dense
+    assert (out / "params.png").read_bytes()[:4] == b"\x89PNG"
+    assert len(rows["bp"]["summary"]["truncated"]) == 2

@@ -319,3 +319,38 @@ def test_cpu_peak_bytes_drops_the_profilers_chatter_and_keeps_other_stderr():
     peaks = [int(v) for v in out.stdout.split()]
     assert peaks[0] == peaks[1] >= 8000  # a 1000-float temporary and the result
     assert out.stderr.count("user line") == 2 and "profiler_st" not in out.stderr, out.stderr
+
+
+def test_truncated_accuracy_cuts_hidden_layers_by_svd():
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 12),
+                          nn.ReLU(), nn.Linear(12, 10))
+    x, y = torch.randn(40, 1, 8, 8), torch.randint(0, 10, (40,))
+    loader = [(x[:20], y[:20]), (x[20:], y[20:])]
+    full_acc = float((model(x).argmax(1) == y).float().mean())
+    before = [p.clone() for p in model.parameters()]
+    out = metrics.truncated_accuracy(model, loader, [1.0, 0.25])
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # the model is not touched
+    assert out[0]["fraction"] == 1.0 and abs(out[0]["acc"] - full_acc) < 1e-6
+    # conv K' is (4·3) × (1·3): full rank 3 -> ceil(0.25·3) = 1; linear 12 × 256: 12 -> 3; output kept.
+    dense = sum(p.numel() for p in model.parameters())
+    conv_cut = (12 + 3 + 1) * 1 - 12 * 3
+    lin_cut = (12 + 256 + 1) * 3 - 12 * 256
+    assert out[1]["params"] == dense + conv_cut + lin_cut
+    # The same cut by hand (conv through its spatial SVD K'[(n, w), (c, h)], DESIGN §4): same accuracy.
+    import copy
+
+    def best(W2, r):
+        U, s, Vh = torch.linalg.svd(W2.double(), full_matrices=False)
+        return ((U[:, :r] * s[:r]) @ Vh[:r]).to(W2.dtype)
+
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        K = clone[0].weight  # 4×1×3×3
+        K2 = K.permute(0, 3, 1, 2).reshape(12, 3)
+        K.copy_(best(K2, 1).reshape(4, 3, 1, 3).permute(0, 2, 3, 1))
+        clone[3].weight.copy_(best(clone[3].weight, 3))
+        by_hand = float((clone(x).argmax(1) == y).float().mean())
+    assert abs(out[1]["acc"] - by_hand) < 1e-6
