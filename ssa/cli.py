@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--data-root", default=None, help="overrides data_root (local CIFAR / image folder)")
     c.add_argument("--device", default=None, help="overrides device")
     c.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True)
+    c.add_argument("--resume", action="store_true",
+                   help="keep the finished runs of an interrupted run in --out and train the rest")
     c.add_argument("--quiet", action="store_true", help="no progress bars or per-run lines")
     c.add_argument("--tensorboard", metavar="DIR", default=None,
                    help="also write per-epoch scalars for TensorBoard into DIR (needs tensorboard)")
@@ -239,7 +241,8 @@ def compare(args: argparse.Namespace, parser: argparse.ArgumentParser | None = N
         except ImportError:
             parser.error("--tensorboard needs the tensorboard package: pip install tensorboard")
     out = args.out or os.path.join("runs", config["name"] + ("" if mode == "compare" else f"-{mode}"))
-    return cmp.run(config, out, mode=mode, quiet=args.quiet, tensorboard=args.tensorboard, plots=args.plots)
+    return cmp.run(config, out, mode=mode, quiet=args.quiet, tensorboard=args.tensorboard, plots=args.plots,
+                   resume=args.resume)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -754,7 +754,9 @@ def format_table(results: dict) -> str:
     body = []
     for v in rows:
         s = v["summary"]
-        body.append([v["variant"], _pm(s["test_acc"], 0.01), _pm(s["test_top5"], 0.01),
+        bad = sum(1 for r in v["runs"] if r.get("diverged"))
+        body.append([v["variant"] + (f" ({bad} diverged)" if bad else ""), _pm(s["test_acc"], 0.01),
+                     _pm(s["test_top5"], 0.01),
                      f"{s['params']['mean']:,.0f}" if s["params"] else "—", _ranks(s["ranks"]),
                      f"{s['flops']['mean'] / flops_unit[1]:,.2f}" if s["flops"] else "—",
                      f"{s['peak_mem']['mean'] / 2**20:,.2f}" if s["peak_mem"] else "—",
@@ -800,15 +802,19 @@ def _safe(name: str) -> str:
 
 
 def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard: str | None = None,
-        plots: bool = True) -> dict:
+        plots: bool = True, resume: bool = False) -> dict:
     """Train every (variant, seed) of ``mode`` and write the outputs (module docstring) into ``out``.
 
     ``config``: a path, a raw mapping or a validated config. Per seed the data loaders are built
     once; before every variant ``torch.manual_seed(seed)`` and the loader's shuffle generator are
     reset, so every variant starts from the same initialisation and sees the same batches.
     ``quiet``: no progress bars or per-run lines (the table is printed anyway). ``tensorboard``:
-    a folder for per-epoch scalars (``<folder>/<variant>/seed<k>``). Returns the dict written to
-    ``results.json``.
+    a folder for per-epoch scalars (``<folder>/<variant>/seed<k>``). ``resume``: keep the runs of
+    an earlier, interrupted ``run`` of the same config and mode in ``out`` (its ``results.json``)
+    and train only the missing (variant, seed) pairs; a different config or mode raises
+    ``ValueError``. A run whose loss turns non-finite is kept, marked ``"diverged"`` (the
+    message), with the test accuracy of its last good step; the table counts such runs. Returns
+    the dict written to ``results.json``.
     """
     import yaml
 
@@ -824,9 +830,25 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
                              **({"value": v["value"]} if "value" in v else {}), "runs": [], "summary": None}
                             for v in plan]}
     total, done = len(plan) * len(config["seeds"]), 0
+    if resume and os.path.exists(os.path.join(out, "results.json")):
+        with open(os.path.join(out, "results.json")) as f:
+            earlier = json.load(f)
+        loose = ("description", "sweep", "ablation")  # fields that do not change a compare run
+        same = {k: v for k, v in load_config(earlier["config"]).items() if k not in loose} == {
+            k: v for k, v in config.items() if k not in loose}
+        if earlier.get("mode") != mode or not same:
+            raise ValueError(f"compare: {out}/results.json is of another config or mode; resume needs the "
+                             "same (or write to another --out)")
+        kept = {v["variant"]: v["runs"] for v in earlier["variants"]}
+        for entry in results["variants"]:
+            entry["runs"] = list(kept.get(entry["variant"], []))
+            entry["summary"] = _summary(entry["runs"]) if entry["runs"] else None
+            done += len(entry["runs"])
     for seed in config["seeds"]:
         loaders: dict[int, tuple] = {}
         for v, entry in zip(plan, results["variants"]):
+            if any(r["seed"] == seed for r in entry["runs"]):
+                continue  # kept from an interrupted run (resume)
             s = v["settings"]
             batch = s.get("batch_size", config["batch_size"])
             if batch not in loaders:
@@ -838,9 +860,14 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
             model = models.get(config["model"], classes, in_shape, **config["model_kwargs"])
             trainer = _make_trainer(model, classes, v["method"], s, seed, config["device"])
             start = time.perf_counter()
-            hist = trainer.fit(train_loader, s["epochs"], val_loader=test_loader, progress=not quiet)
+            diverged = None
+            try:
+                hist = trainer.fit(train_loader, s["epochs"], val_loader=test_loader, progress=not quiet)
+            except FloatingPointError as err:  # a diverging variant is a result too, not a crash
+                hist, diverged = trainer.history, str(err)
             wall = time.perf_counter() - start
             result = _run_result(seed, trainer, hist, trainer.evaluate(test_loader), wall)
+            result["diverged"] = diverged
             if config.get("truncate") and not trainer.ssa_layers():
                 from .metrics import truncated_accuracy
 
@@ -850,7 +877,7 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
             done += 1
             if not quiet:
                 print(f"[{done}/{total}] {v['name']} seed {seed}: test acc {100 * result['test_acc']:.2f} % "
-                      f"({wall:.1f} s)", flush=True)
+                      f"({wall:.1f} s){' DIVERGED' if diverged else ''}", flush=True)
             if writer_cls is not None:
                 _log_tensorboard(writer_cls, os.path.join(tensorboard, _safe(v["name"]), f"seed{seed}"), hist)
             _write_json(os.path.join(out, "results.json"), results)  # partial results survive a crash
