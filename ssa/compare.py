@@ -833,14 +833,18 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
     if resume and os.path.exists(os.path.join(out, "results.json")):
         with open(os.path.join(out, "results.json")) as f:
             earlier = json.load(f)
-        loose = ("description", "sweep", "ablation")  # fields that do not change a compare run
+        loose = ("description", "sweep", "ablation", "variants")  # checked per variant below
         same = {k: v for k, v in load_config(earlier["config"]).items() if k not in loose} == {
             k: v for k, v in config.items() if k not in loose}
         if earlier.get("mode") != mode or not same:
             raise ValueError(f"compare: {out}/results.json is of another config or mode; resume needs the "
                              "same (or write to another --out)")
+        # A variant keeps its runs when its name and settings are unchanged (variants may be added).
         kept = {v["variant"]: v["runs"] for v in earlier["variants"]}
+        before = {v["variant"]: v["settings"] for v in earlier["variants"]}
         for entry in results["variants"]:
+            if before.get(entry["variant"]) != json.loads(json.dumps(entry["settings"])):
+                continue
             entry["runs"] = list(kept.get(entry["variant"], []))
             entry["summary"] = _summary(entry["runs"]) if entry["runs"] else None
             done += len(entry["runs"])

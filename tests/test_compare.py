@@ -309,7 +309,7 @@ def test_variants_validate_and_carry_their_fields():
     plan = {v["name"]: v for v in compare.variants(config)}
     assert list(plan) == [v["name"] for v in STUDY["variants"]]
     s = plan["ssa targets none"]["settings"]
-    assert s["loss"]["targets"] == "none" and s["loss"]["align"] == 0.01 and s["rank"] == {"linear": 8}
+    assert s["loss"]["targets"] == "none" and s["loss"]["align"] == 0.1 and s["rank"] == {"linear": 8}
     assert s["batch_size"] == 128 and s["factor_lr"] == {"s": 3.0}
     base = plan["ssa"]["settings"]
     assert base["batch_size"] == 256 and base["schedule"]["interval"] == 1
