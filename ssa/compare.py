@@ -54,7 +54,8 @@ fields as ``loss.align`` or ``overrides.ssa.lr``):
 ``sgr_lambda``     reconciliation weight of ``sgr``, number >= 0 or ``null`` (trainer default)
 ``output_layer``   ``ssa`` | ``dense``: keep the output layer dense (``ssa``)
 ``init``           ``torch`` | ``paper`` (He for convolutions, Xavier for linear layers) (``torch``)
-``factor_lr``      learning-rate multipliers of the SSA factors, e.g. ``{s: 10}`` (``{}``)
+``factor_lr``      learning-rate multipliers of the SSA factors, e.g. ``{s: 10}``, ``{}`` for none, or
+                   ``default`` (the trainer's: ``{s: 3}`` for ssa) (``default``)
 ``feedback``       ``gaussian`` | ``orthogonal`` structure of the DFA feedback (``gaussian``)
 ``skip``           qualified names of layers to leave dense (``[]``)
 ``overrides``      per-method settings, ``{method: {field: value}}`` for the fields ``epochs``,
@@ -347,7 +348,7 @@ def _defaults() -> dict:
         "batch_size": 64, "optimizer": "adam", "lr": 1e-3, "lr_milestones": [], "lr_gamma": 0.1, "rank": None,
         "loss": "default", "schedule": "default", "memory": "store", "reorth_every": None,
         "backend": "auto", "device": "cpu", "align_every": None, "measure_memory": False, "sgr_lambda": None,
-        "output_layer": "ssa", "init": "torch", "factor_lr": {}, "feedback": "gaussian", "skip": [],
+        "output_layer": "ssa", "init": "torch", "factor_lr": "default", "feedback": "gaussian", "skip": [],
         "overrides": {}, "variants": None, "truncate": [], "ablation": None, "sweep": None,
     }
 
@@ -387,7 +388,9 @@ def _rank(field, value):
 
 
 def _factor_lr(field, value):
-    _mapping(field, value, "a mapping {U|s|V: multiplier}")
+    if value == "default":
+        return value
+    _mapping(field, value, "default or a mapping {U|s|V: multiplier}")
     _unknown(field, value, ["U", "s", "V"])
     return {k: _float(f"{field}.{k}", v, positive=True) for k, v in value.items()}
 
