@@ -43,7 +43,7 @@ bench: install
 	$(VENV)/bin/pytest benchmarks --benchmark-only
 
 demo: install
-	$(PY) -m ssa train --model mlp --dataset digits --method ssa,bp --epochs 30 --out runs/digits
+	$(PY) -m ssa train --model mlp --dataset digits --method ssa,dfa,bp --epochs 30 --out runs/digits
 
 compare: install
 	$(PY) -m ssa compare --config configs/digits_mlp.yaml --quiet

@@ -4,7 +4,8 @@
 
 Per variant: test top-1 mean ± std over seeds, and the paired differences (same seed, so same
 data split, shuffle and initial weights) to the `dfa` row and to the `ssa` row, mean ± std;
-final ranks, trained parameters. Dense rows evaluated after an SVD cut (``truncate``) get one
+final ranks, trained parameters, mean wall time of a run (one thread, several runs sharing the
+machine: compare within a table only). Dense rows evaluated after an SVD cut (``truncate``) get one
 line per fraction.
 """
 
@@ -44,15 +45,22 @@ def table(folder: str) -> str:
     out = [f"**{c['model']} on {c['dataset']}** ({c['epochs']} epochs, batch {c['batch_size']}, "
            f"{c['optimizer']} lr {c['lr']:g}, seeds {', '.join(map(str, seeds))}; "
            f"`configs/{c['name']}.yaml`)", "",
-           "| variant | top-1 (%) | Δ vs dfa (paired) | Δ vs ssa (paired) | params | final ranks |",
-           "| --- | --- | --- | --- | --- | --- |"]
+           "| variant | top-1 (%) | Δ vs dfa (paired) | Δ vs ssa (paired) | params | final ranks "
+           "| wall (s) |",
+           "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, v in rows.items():
         runs = v["runs"]
         ranks = runs[0]["ranks"]
-        rank_text = "/".join(str(round(statistics.fmean(r["ranks"][k] for r in runs))) for k in ranks) or "dense"
+        rank_text = "/".join(str(round(statistics.fmean(r["ranks"][k] for r in runs))) for k in ranks)
+        rank_text = rank_text or "dense"
         params = statistics.fmean(r["params"] for r in runs)
-        out.append(f"| {name} | {_pm([r['test_acc'] for r in runs])} | {_diff(runs, dfa) if v is not dfa else '—'} "
-                   f"| {_diff(runs, ssa) if v is not ssa else '—'} | {params:,.0f} | {rank_text} |")
+        diverged = sum(1 for r in runs if r.get("diverged"))
+        label = name + (f" ({diverged} of {len(runs)} diverged)" if diverged else "")
+        wall = statistics.fmean(r["wall_s"] for r in runs)
+        to_dfa = _diff(runs, dfa) if v is not dfa else "—"
+        to_ssa = _diff(runs, ssa) if v is not ssa else "—"
+        out.append(f"| {label} | {_pm([r['test_acc'] for r in runs])} | {to_dfa} | {to_ssa} | {params:,.0f} "
+                   f"| {rank_text} | {wall:.0f} |")
     cut = [(name, v) for name, v in rows.items() if any(r.get("truncated") for r in v["runs"])
            and name in ("bp", "dfa")]
     if cut:

@@ -115,12 +115,14 @@ def test_user_loop_matches_trainer_step():
     x, y = batch()
     torch.manual_seed(0)
     a = mlp()
-    ta = ssa.Trainer(a, 5, seed=3)
+    ta = ssa.Trainer(a, 5, seed=3)  # default factor_lr: the singular values at 3× the learning rate
     ta.step(x, y)
     torch.manual_seed(0)
     b = mlp()
     tb = ssa.Trainer(b, 5, seed=3)
-    opt = torch.optim.Adam(b.parameters(), lr=1e-3)
+    s_params = [m.s for m in b.modules() if isinstance(m, ssa.SSALayer)]
+    others = [p for p in b.parameters() if all(p is not q for q in s_params)]
+    opt = torch.optim.Adam([{"params": others}, {"params": s_params, "lr": 3e-3}], lr=1e-3)
     with tb.record():
         z = b(x)
     tb.local_backward(z, y)
