@@ -837,6 +837,8 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
         with open(os.path.join(out, "results.json")) as f:
             earlier = json.load(f)
         loose = ("description", "sweep", "ablation", "variants")  # checked per variant below
+        if config.get("variants"):
+            loose += ("methods",)  # derived from the variants
         same = {k: v for k, v in load_config(earlier["config"]).items() if k not in loose} == {
             k: v for k, v in config.items() if k not in loose}
         if earlier.get("mode") != mode or not same:

@@ -346,3 +346,35 @@ def test_a_study_runs_with_paired_rows_truncation_and_the_params_plot(tmp_path):
     assert "5" not in rows["ssa default schedule"]["runs"][0]["ranks"]  # output layer dense
     assert (out / "params.png").read_bytes()[:4] == b"\x89PNG"
     assert len(rows["bp"]["summary"]["truncated"]) == 2
+
+
+def test_a_diverging_variant_is_kept_and_marked(tmp_path):
+    config = {**STUDY, "truncate": [], "variants": [
+        {"name": "dfa", "method": "dfa"},
+        {"name": "blows up", "method": "ssa", "optimizer": "sgd", "lr": 1.0e6}]}
+    results = compare.run(config, str(tmp_path / "d"), quiet=True, plots=False)
+    rows = {v["variant"]: v for v in results["variants"]}
+    assert rows["dfa"]["runs"][0]["diverged"] is None
+    bad = rows["blows up"]["runs"][0]
+    assert "non-finite loss" in bad["diverged"] and 0 <= bad["test_acc"] <= 1
+    assert "blows up (1 diverged)" in (tmp_path / "d" / "table.md").read_text()
+
+
+def test_resume_trains_only_what_is_missing(tmp_path, monkeypatch):
+    out = tmp_path / "r"
+    first = {**STUDY, "truncate": [], "variants": STUDY["variants"][:2]}
+    compare.run(first, str(out), quiet=True, plots=False)
+    fits = []
+    real = compare._make_trainer
+
+    def counting(model, classes, method, s, seed, device):
+        fits.append(method)
+        return real(model, classes, method, s, seed, device)
+
+    monkeypatch.setattr(compare, "_make_trainer", counting)
+    more = {**first, "variants": STUDY["variants"][:3]}
+    results = compare.run(more, str(out), quiet=True, plots=False, resume=True)
+    assert fits == ["ssa"]  # bp and dfa kept from the first run
+    assert [len(v["runs"]) for v in results["variants"]] == [1, 1, 1]
+    with pytest.raises(ValueError, match="another config"):
+        compare.run({**more, "epochs": 1}, str(out), quiet=True, plots=False, resume=True)
