@@ -69,10 +69,16 @@ def digits_tensors(seed: int = 0):
     data = load_digits()
     x = torch.tensor(data.data, dtype=torch.float32)
     y = torch.tensor(data.target, dtype=torch.long)
+    return _split_standardised(x, y, DIGITS_TRAIN, seed, 8)
+
+
+def _split_standardised(x, y, n_train: int, seed: int, side: int):
+    """A seeded split into ``n_train`` / the rest; pixels standardised with the training split's
+    per-feature mean and std (+ 1e-6); images ``1×side×side``."""
     perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    tr, te = perm[:DIGITS_TRAIN], perm[DIGITS_TRAIN:]
+    tr, te = perm[:n_train], perm[n_train:]
     mean, std = x[tr].mean(0), x[tr].std(0) + 1e-6
-    x = ((x - mean) / std).reshape(-1, 1, 8, 8)
+    x = ((x - mean) / std).reshape(-1, 1, side, side)
     return x[tr], y[tr], x[te], y[te]
 
 
@@ -122,11 +128,7 @@ def mnist_tensors(seed: int = 0):
         raise ValueError(f"dataset 'mnist': expected rows of 784 pixels and a label, got shape {raw.shape}")
     x = torch.from_numpy(raw[:, :784].copy())
     y = torch.from_numpy(raw[:, 784].astype(np.int64))
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    tr, te = perm[:MNIST_TRAIN], perm[MNIST_TRAIN:]
-    mean, std = x[tr].mean(0), x[tr].std(0) + 1e-6
-    x = ((x - mean) / std).reshape(-1, 1, 28, 28)
-    return x[tr], y[tr], x[te], y[te]
+    return _split_standardised(x, y, MNIST_TRAIN, seed, 28)
 
 
 def mnist(batch_size: int = 64, seed: int = 0, num_workers: int = 0):
