@@ -668,9 +668,9 @@ def _summary(runs: list[dict]) -> dict:
            for k in ("test_acc", "test_top5", "best_test_acc", "params", "flops", "peak_mem", "wall_s")}
     layers = list(dict.fromkeys(n for r in runs for n in r["ranks"]))
     out["ranks"] = {n: statistics.fmean(r["ranks"][n] for r in runs if n in r["ranks"]) for n in layers}
-    fractions = sorted({t["fraction"] for r in runs for t in r.get("truncated", [])}, reverse=True)
+    cut = [t for r in runs for t in r.get("truncated", [])]
+    fractions = sorted({t["fraction"] for t in cut}, reverse=True)
     if fractions:
-        cut = [t for r in runs for t in r.get("truncated", [])]
         out["truncated"] = [{"fraction": f,
                              "params": _stats([t["params"] for t in cut if t["fraction"] == f]),
                              "acc": _stats([t["acc"] for t in cut if t["fraction"] == f])} for f in fractions]

@@ -19,7 +19,6 @@ __all__ = ["SSALayer", "SSALinear", "SSAConv2d", "ACTIVATIONS", "TARGETS"]
 #: Activations fused into the forward kernel (their derivative is computable from the output).
 ACTIVATIONS = ("none", "relu", "leaky_relu", "tanh", "sigmoid")
 
-
 _MODULE_OF = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
 
 
@@ -140,9 +139,16 @@ class SSALayer(nn.Module):
     def has_feedback(self) -> bool:
         return self.feedback_Q is not None
 
-    def _frame(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The papers' literal targets: rank-``r0`` SVD of a seeded Gaussian with the factors' shape."""
+    def _draw_init(self, gen: torch.Generator):
+        """The layer's seeded dense init (``W, b`` or ``K, b``) drawn from ``gen``."""
         raise NotImplementedError
+
+    def _frame(self) -> tuple[Tensor, Tensor, Tensor]:
+        """The papers' literal targets: rank-``r0`` SVD of a seeded Gaussian with the factors' shape,
+        drawn from the layer's seed after its dense init (as the layer always drew them)."""
+        gen = torch.Generator().manual_seed(self.seed)
+        self._draw_init(gen)
+        return random_frame(*self.factor_shape, self.r0, gen)
 
     def set_targets(self, targets: str, num_classes: int | None = None) -> None:
         """Choose the alignment targets (DESIGN §6) and build them; idempotent.
@@ -197,12 +203,17 @@ class SSALayer(nn.Module):
         """``None`` when the targets sit on the leading columns (what the op aligns), else the column
         order that puts the targeted columns first (the op then runs on permuted factors)."""
         cols = self.target_cols
+        cached = getattr(self, "_order_of", None)
+        if cached is not None and cached[0] is cols and cached[1] == self.rank:
+            return cached[2]  # computed once per new target_cols: no host sync on every step
         k = cols.numel()
-        if bool((cols == torch.arange(k, device=cols.device)).all()):
-            return None
-        rest = torch.ones(self.rank, dtype=torch.bool, device=cols.device)
-        rest[cols] = False
-        return torch.cat([cols, torch.nonzero(rest).flatten()])
+        order = None
+        if not bool((cols == torch.arange(k, device=cols.device)).all()):
+            rest = torch.ones(self.rank, dtype=torch.bool, device=cols.device)
+            rest[cols] = False
+            order = torch.cat([cols, torch.nonzero(rest).flatten()])
+        self._order_of = (cols, self.rank, order)
+        return order
 
     @torch.no_grad()
     def op_targets(self, U: Tensor, V: Tensor) -> dict:
@@ -218,14 +229,17 @@ class SSALayer(nn.Module):
         BV = self.target_V if self.target_V is not None else V[:, :k]
         return {"BU": BU * sign, "BS": self.target_s, "BV": BV}
 
-    def _built_form(self) -> str:
-        """The structure the stored feedback was built with (read from ``σ`` after a checkpoint load)."""
-        form = getattr(self, "_form_built", None)
-        if form is None or form[0] is not self.feedback_sigma:
-            sigma = self.feedback_sigma
-            equal = sigma.numel() > 1 and bool(torch.allclose(sigma, sigma[:1].expand_as(sigma)))
-            return "orthogonal" if equal else self.feedback_form if sigma.numel() == 1 else "gaussian"
-        return form[1]
+    def _feedback_current(self, C: int) -> bool:
+        """Whether the stored feedback is for ``C`` classes and of the requested ``feedback_form``:
+        equal singular values read as ``"orthogonal"`` (one column fits either; the frame form draws
+        its own ``σ``), so the answer survives ``.to()`` and checkpoints."""
+        if self.feedback_Q is None or self.feedback_Q.shape[0] != C:
+            return False
+        sigma = self.feedback_sigma
+        if self.targets == "frame" or sigma.numel() == 1:
+            return True
+        equal = bool(torch.allclose(sigma, sigma[:1].expand_as(sigma)))
+        return equal == (self.feedback_form == "orthogonal")
 
     def _set_feedback(self, P: Tensor, sigma: Tensor, Q: Tensor, C: int) -> None:
         sigma = sigma.double()
@@ -234,7 +248,6 @@ class SSALayer(nn.Module):
         self.feedback_P = P.to(**like).contiguous()
         self.feedback_sigma = sigma.to(**like)
         self.feedback_Q = Q.to(**like).contiguous()
-        self._form_built = (self.feedback_sigma, self.feedback_form)
 
     # ------------------------------------------------------------------ factor surgery
     @torch.no_grad()
@@ -451,8 +464,8 @@ class SSALinear(SSALayer):
         a = (t.to(self.U.dtype) * self.s) @ self.U.t()
         return a + self.bias if self.bias is not None else a
 
-    def _frame(self) -> tuple[Tensor, Tensor, Tensor]:
-        return _frame(self.seed, self.out_features, self.in_features, self.r0)
+    def _draw_init(self, gen: torch.Generator):
+        return _draw(self.seed, self.out_features, self.in_features, gen)
 
     # ------------------------------------------------------------------ feedback
     def init_feedback(self, num_classes: int) -> None:
@@ -465,8 +478,7 @@ class SSALinear(SSALayer):
         the same ``num_classes`` and target form.
         """
         C = _check_int("num_classes", num_classes, 2)
-        same = self.feedback_Q is not None and self.feedback_Q.shape[0] == C
-        if same and self._built_form() == self.feedback_form:
+        if self._feedback_current(C):
             return
         gen = torch.Generator().manual_seed(self.seed + 1)
         k = min(C, self.out_features, self.r0)
@@ -632,18 +644,14 @@ class SSAConv2d(SSALayer):
         for the same ``num_classes``.
         """
         C = _check_int("num_classes", num_classes, 2, owner=self._owner)
-        same = self.feedback_Q is not None and self.feedback_Q.shape[0] == C
-        if same and self._built_form() == self.feedback_form:
+        if self._feedback_current(C):
             return
         gen = torch.Generator().manual_seed(self.seed + 1)
         k = min(C, self.out_channels)
         self._set_feedback(*_gaussian_feedback(self.out_channels, C, k, gen, self.feedback_form), C)
 
-    def _frame(self) -> tuple[Tensor, Tensor, Tensor]:
-        m, n = self.factor_shape
-        gen = torch.Generator().manual_seed(self.seed)
-        _draw_conv(self.seed, self.out_channels, self.in_channels, self.kernel_size, gen)
-        return random_frame(m, n, self.r0, gen)
+    def _draw_init(self, gen: torch.Generator):
+        return _draw_conv(self.seed, self.out_channels, self.in_channels, self.kernel_size, gen)
 
     # ------------------------------------------------------------------ dense round trip
     @classmethod
@@ -703,7 +711,7 @@ def _gaussian_feedback(d: int, C: int, k: int, gen: torch.Generator,
 
 
 def _draw_conv(seed: int, N: int, C: int, kernel: tuple[int, int], gen: torch.Generator | None = None):
-    """Seeded draws of a conv layer: ``nn.Conv2d``'s init of ``K, b`` (then the frame, see ``_frame``)."""
+    """Seeded draws of a conv layer: ``nn.Conv2d``'s init of ``K, b`` (the frame follows, ``_frame``)."""
     gen = gen if gen is not None else torch.Generator().manual_seed(seed)
     kh, kw = kernel
     bound = 1.0 / math.sqrt(C * kh * kw)  # kaiming_uniform(a=√5) over fan_in, and the bias's bound
@@ -719,13 +727,6 @@ def _draw(seed: int, m: int, n: int, gen: torch.Generator | None = None):
     W = (torch.rand(m, n, generator=gen, dtype=torch.float64) * 2 - 1) * bound
     b = (torch.rand(m, generator=gen, dtype=torch.float64) * 2 - 1) * bound
     return W, b
-
-
-def _frame(seed: int, m: int, n: int, r0: int) -> tuple[Tensor, Tensor, Tensor]:
-    """The ``"frame"`` targets of a linear layer: drawn from its seed after ``W, b`` (as always)."""
-    gen = torch.Generator().manual_seed(seed)
-    _draw(seed, m, n, gen)
-    return random_frame(m, n, r0, gen)
 
 
 @torch.no_grad()

@@ -593,28 +593,29 @@ def truncated_accuracy(model: nn.Module, loader, fractions, skip_last: bool = Tr
     Parameters are counted as an SSA model holding those ranks would: ``(m + n + 1)·r`` (+ bias)
     for a cut layer, everything else as it is. Returns ``[{"fraction", "params", "acc"}]``.
     """
-    from ssa_kernels.reference import factors_from_kernel
+    from ssa_kernels.reference import factors_from_kernel, kernel_from_factors
 
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     if skip_last and names:
         names = names[:-1]
+    svds = {}  # one SVD per layer, cut to every fraction
+    for name in names:
+        W = model.get_submodule(name).weight.detach().double()
+        svds[name] = torch.linalg.svd(factors_from_kernel(W) if W.dim() == 4 else W, full_matrices=False)
     device = next(model.parameters()).device
+    dense = sum(p.numel() for p in model.parameters())
     out = []
     for f in fractions:
         clone = copy.deepcopy(model).eval()
-        params = sum(p.numel() for p in clone.parameters())
-        for name in names:
+        params = dense
+        for name, (U, s, Vh) in svds.items():
             layer = clone.get_submodule(name)
-            W = layer.weight.detach().double()
-            W2 = factors_from_kernel(W) if W.dim() == 4 else W
-            m, n = W2.shape
-            full = min(m, n)
-            r = max(1, math.ceil(f * full))
-            U, s, Vh = torch.linalg.svd(W2, full_matrices=False)
-            Wr = (U[:, :r] * s[:r]) @ Vh[:r]
-            if W.dim() == 4:
-                N, C, kh, kw = W.shape
-                Wr = Wr.reshape(N, kw, C, kh).permute(0, 2, 3, 1)
+            m, n = U.shape[0], Vh.shape[1]
+            r = max(1, math.ceil(f * min(m, n)))
+            if isinstance(layer, nn.Conv2d):
+                Wr = kernel_from_factors(U[:, :r], s[:r], Vh[:r].t(), layer.kernel_size)
+            else:
+                Wr = (U[:, :r] * s[:r]) @ Vh[:r]
             layer.weight.copy_(Wr.to(layer.weight.dtype))
             params += (m + n + 1) * r - m * n
         correct = total = 0
