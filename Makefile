@@ -22,7 +22,7 @@ $(VENV)/.deps: pyproject.toml
 	$(PYTHON_SYS) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q setuptools wheel ninja "cmake>=3.30" pytest pytest-benchmark expecttest scikit-learn mlxtend ruff tqdm matplotlib pyyaml
+	$(PY) -m pip install -q setuptools wheel ninja "cmake>=3.30" pytest pytest-benchmark expecttest hypothesis scikit-learn mlxtend ruff tqdm matplotlib pyyaml
 	touch $@
 
 venv: $(VENV)/.deps

@@ -21,15 +21,17 @@ enum class Act : int { None = 0, Relu = 1, LeakyRelu = 2, Tanh = 3, Sigmoid = 4 
 
 Act parse_activation(c10::string_view name);
 
-// h = f(a). relu/leaky_relu are written without branches: the CPU loops vectorise and
-// do not mispredict on random signs; NaN propagates as in torch.relu.
+// h = f(a), as torch.nn.functional gives it, ±inf and NaN included: relu(−inf) = 0,
+// leaky_relu(−inf) = −inf·slope, tanh(±inf) = ±1, sigmoid(±inf) = 1 / 0, NaN propagates.
+// relu/leaky_relu are selects, not products with a 0/1 mask (−inf·0 would be NaN): the
+// CPU loops still if-convert them to blends (vectorised, no mispredicted branches).
 template <typename T>
 C10_HOST_DEVICE inline T act_forward(T a, Act act, T slope) {
   switch (act) {
     case Act::Relu:
-      return a * static_cast<T>(!(a <= T(0)));
+      return a <= T(0) ? T(0) : a;  // NaN <= 0 is false: NaN passes, as in torch.relu
     case Act::LeakyRelu:
-      return a * (slope + (T(1) - slope) * static_cast<T>(a > T(0)));
+      return a > T(0) ? a : a * slope;
     case Act::Tanh:
       return ::tanh(a);
     case Act::Sigmoid:
@@ -39,14 +41,15 @@ C10_HOST_DEVICE inline T act_forward(T a, Act act, T slope) {
   }
 }
 
-// f'(a) read from h = f(a) (needs slope >= 0 for leaky_relu).
+// f'(a) read from h = f(a) (needs slope >= 0 for leaky_relu); at a = ±inf autograd's values:
+// relu 0 / 1, leaky_relu slope / 1, tanh and sigmoid 0 (h = ±1, resp. 0 / 1).
 template <typename T>
 C10_HOST_DEVICE inline T act_grad_from_output(T h, Act act, T slope) {
   switch (act) {
     case Act::Relu:
-      return static_cast<T>(h > T(0));
+      return h > T(0) ? T(1) : T(0);
     case Act::LeakyRelu:
-      return slope + (T(1) - slope) * static_cast<T>(h > T(0));
+      return h > T(0) ? T(1) : slope;
     case Act::Tanh:
       return T(1) - h * h;
     case Act::Sigmoid:

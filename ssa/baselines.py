@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssa_kernels import _checks as _kchecks
+from ssa_kernels import functional as _kf
 
 __all__ = ["FEEDBACK_MODES", "FeedbackLinear", "FeedbackConv2d", "swap_feedback"]
 
@@ -152,7 +152,7 @@ class FeedbackConv2d(nn.Conv2d, _Feedback):
         super().__init__(*args, **kw)
         if self.padding_mode != "zeros":
             raise ValueError(f"FeedbackConv2d: padding_mode must be 'zeros', got {self.padding_mode!r}")
-        _, stride, pads, dilation = _kchecks.conv_geometry("FeedbackConv2d", self.kernel_size, self.stride,
+        _, stride, pads, dilation = _kf.conv_geometry("FeedbackConv2d", self.kernel_size, self.stride,
                                                            self.padding, self.dilation)
         self._pads = pads
         self._init_feedback(mode, seed)

@@ -100,13 +100,17 @@ import time
 
 import torch
 
-from . import data, models
+from . import data, methods, models
 from . import trainer as _trainer
 from .loss import LossConfig
+from .methods.dfa import FEEDBACKS, MEMORY_MODES
+from .methods.ssa import OUTPUT_LAYERS
+from .optim import OPTIMIZERS
 from .schedule import RankSchedule
 
 __all__ = ["MODES", "ABLATION_TERMS", "SWEEP_FIELDS", "OVERRIDABLE", "load_config", "read_config",
-           "variants", "check_runtime", "run", "format_table", "tensorboard_writer", "replot", "cost_figure"]
+           "variants", "check_runtime", "run", "format_table", "tensorboard_writer", "replot", "cost_figure",
+           "recorded", "resume_conflicts", "RESUME_FREE", "OUTPUT_FILES"]
 
 MODES = ("compare", "ablation", "sweep")
 ABLATION_TERMS = ("align", "ortho", "cos", "hoyer", "schedule")
@@ -208,11 +212,15 @@ def _methods(field, value):
     return list(value)
 
 
+SEED_LIMIT = 2**32
+
+
 def _seeds(field, value):
     if not isinstance(value, list) or not value:
         raise _bad(field, "a non-empty list of ints >= 0", value)
     for i, s in enumerate(value):
-        _int(f"{field}[{i}]", s, lo=0)
+        if _int(f"{field}[{i}]", s, lo=0) >= SEED_LIMIT:
+            raise _bad(f"{field}[{i}]", f"an int in 0..{SEED_LIMIT - 1}", s)
     if len(set(value)) != len(value):
         raise _bad(field, "a list without repeats", value)
     return list(value)
@@ -302,12 +310,29 @@ def _schedule(field, value, epochs: int, base: dict | bool | str | None = None):
     return {k: v for k, v in schedule.to_dict().items() if k != "total_epochs"}
 
 
-def _model_kwargs(field, value, model: str):
+def _model_kwargs(field, value, model: str, dataset: str):
+    """Known keyword arguments of the model function; layer widths (``hidden``) lists of ints >= 1;
+    then the model is built on the meta device (no memory, no data) so that any other bad value
+    fails here, before anything is written, rather than in the middle of a run."""
     _mapping(field, value)
     fn = getattr(models, model, None)
     if callable(fn):
         params = [p for p in list(inspect.signature(fn).parameters)[2:]]
         _unknown(field, value, params)
+    if "hidden" in value:
+        hidden = value["hidden"]
+        if not isinstance(hidden, (list, tuple)):
+            raise _bad(f"{field}.hidden", "a list of layer widths (ints >= 1)", hidden)
+        for i, width in enumerate(hidden):
+            _int(f"{field}.hidden[{i}]", width, lo=1)
+        value = {**value, "hidden": list(hidden)}
+    classes, shape = data._DATASETS.get(dataset, (None, None))
+    try:
+        with torch.device("meta"):
+            models.get(model, classes or 10, shape or (3, 32, 32), **value)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"config field {field!r}: model {model!r} cannot be built with {value!r}: "
+                         f"{err}") from None
     return dict(value)
 
 
@@ -355,8 +380,8 @@ def _defaults() -> dict:
 
 def _validator(key: str):
     """The validator ``(field, value) -> value`` of a plain overridable field."""
-    optimizers = getattr(_trainer, "OPTIMIZERS", ("adam", "adamw", "sgd"))
-    memory_modes = getattr(_trainer, "MEMORY_MODES", ("store", "recompute"))
+    optimizers = OPTIMIZERS
+    memory_modes = MEMORY_MODES
     validators = {
         "epochs": lambda f, v: _int(f, v, lo=1),
         "batch_size": lambda f, v: _int(f, v, lo=1),
@@ -365,9 +390,10 @@ def _validator(key: str):
         "lr_milestones": _milestones,
         "lr_gamma": lambda f, v: _float(f, v, positive=True),
         "rank": _rank,
-        "output_layer": lambda f, v: _choice(f, v, _trainer.OUTPUT_LAYERS),
+        # the trainer's constants where it exports them (it is being split into ssa.methods)
+        "output_layer": lambda f, v: _choice(f, v, OUTPUT_LAYERS),
         "init": lambda f, v: _choice(f, v, _trainer.INITS),
-        "feedback": lambda f, v: _choice(f, v, _trainer.FEEDBACKS),
+        "feedback": lambda f, v: _choice(f, v, FEEDBACKS),
         "factor_lr": _factor_lr,
         "skip": _skip,
         "memory": lambda f, v: _choice(f, v, memory_modes),
@@ -445,8 +471,10 @@ def read_config(path) -> dict:
             raw = yaml.safe_load(f)
         except yaml.YAMLError as err:
             raise ValueError(f"config file {path!r} is not valid YAML: {err}") from None
-    if raw is None:
-        raw = {}
+    if raw is None:  # an empty file (or only comments) would silently run the default job
+        raise ValueError(f"config file {path!r} is empty: give at least the fields that differ from the "
+                         "defaults (schema in ssa/compare.py; e.g. configs/digits_mlp.yaml), or '{}' to run "
+                         "the defaults")
     if not isinstance(raw, dict):
         raise ValueError(f"config file {path!r}: expected a mapping of fields, got {type(raw).__name__}")
     return raw
@@ -486,7 +514,7 @@ def load_config(source, overrides: dict | None = None) -> dict:
         raise ValueError(f"config field 'augment': dataset {out['dataset']!r} has no augmentation "
                          "(set augment: false)")
     out["model"] = _choice("model", c["model"], models.available())
-    out["model_kwargs"] = _model_kwargs("model_kwargs", c["model_kwargs"], out["model"])
+    out["model_kwargs"] = _model_kwargs("model_kwargs", c["model_kwargs"], out["model"], out["dataset"])
     out["methods"] = _methods("methods", c["methods"])
     out["seeds"] = _seeds("seeds", c["seeds"])
     out["epochs"] = _validator("epochs")("epochs", c["epochs"])
@@ -625,17 +653,15 @@ def _make_trainer(model, classes: int, method: str, s: dict, seed: int, device: 
     extra = {k: s[k] for k in ("output_layer", "init", "factor_lr", "feedback", "skip") if k in s}
     if "skip" in extra:
         extra["skip"] = tuple(extra["skip"])
-    if method not in ("ssa", "svd_bp"):  # SSA-only options do not apply to dense methods
-        extra.pop("factor_lr", None)
-        if extra.get("output_layer") == "dense":
-            extra.pop("output_layer")
-    return _trainer.Trainer(model, classes, method=method, loss=LossConfig(**s["loss"]), **extra,
-                            optimizer=s["optimizer"], lr=s["lr"], schedule=schedule, memory=s["memory"],
-                            reorth_every=s["reorth_every"],
-                            seed=seed, rank=s["rank"], backend=s["backend"], device=device,
-                            lr_milestones=s["lr_milestones"], lr_gamma=s["lr_gamma"],
-                            align_every=s["align_every"], measure_memory=s["measure_memory"],
-                            **({"sgr_lambda": s["sgr_lambda"]} if s["sgr_lambda"] is not None else {}))
+    if s["sgr_lambda"] is not None:
+        extra["sgr_lambda"] = s["sgr_lambda"]
+    # one set of settings for every method: each gets the options that apply to it
+    options = methods.applicable(method, dict(
+        extra, loss=LossConfig(**s["loss"]), optimizer=s["optimizer"], lr=s["lr"], schedule=schedule,
+        memory=s["memory"], reorth_every=s["reorth_every"], seed=seed, rank=s["rank"], backend=s["backend"],
+        device=device, lr_milestones=s["lr_milestones"], lr_gamma=s["lr_gamma"], align_every=s["align_every"],
+        measure_memory=s["measure_memory"]))
+    return _trainer.Trainer(model, classes, method=method, **options)
 
 
 # ---------------------------------------------------------------------------- results
@@ -814,8 +840,9 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
     ``quiet``: no progress bars or per-run lines (the table is printed anyway). ``tensorboard``:
     a folder for per-epoch scalars (``<folder>/<variant>/seed<k>``). ``resume``: keep the runs of
     an earlier, interrupted ``run`` of the same config and mode in ``out`` (its ``results.json``)
-    and train only the missing (variant, seed) pairs; a different config or mode raises
-    ``ValueError``. A run whose loss turns non-finite is kept, marked ``"diverged"`` (the
+    and train only the missing (variant, seed) pairs; a config or mode that differs from the
+    recorded one (:func:`resume_conflicts`) raises ``ValueError`` naming every differing field,
+    before anything is written. A run whose loss turns non-finite is kept, marked ``"diverged"`` (the
     message), with the test accuracy of its last good step; the table counts such runs. Returns
     the dict written to ``results.json``.
     """
@@ -825,9 +852,17 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
     plan = variants(config, mode)
     check_runtime(config)
     writer_cls = tensorboard_writer() if tensorboard else None
+    if resume:
+        conflicts = resume_conflicts(config, out, mode)
+        if conflicts:
+            raise ValueError(f"compare: cannot resume the run in {out}: its config or mode differs from "
+                             f"this one (another config): {'; '.join(conflicts)}. Resume with the same "
+                             "config, or write to another --out")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, "config.yaml"), "w") as f:
+    tmp = os.path.join(out, "config.yaml.tmp")
+    with open(tmp, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False, allow_unicode=True)
+    os.replace(tmp, os.path.join(out, "config.yaml"))
     results = {"name": config["name"], "mode": mode, "config": config,
                "variants": [{"variant": v["name"], "method": v["method"], "settings": v["settings"],
                              **({"value": v["value"]} if "value" in v else {}), "runs": [], "summary": None}
@@ -836,14 +871,6 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
     if resume and os.path.exists(os.path.join(out, "results.json")):
         with open(os.path.join(out, "results.json")) as f:
             earlier = json.load(f)
-        loose = ("description", "sweep", "ablation", "variants")  # checked per variant below
-        if config.get("variants"):
-            loose += ("methods",)  # derived from the variants
-        same = {k: v for k, v in load_config(earlier["config"]).items() if k not in loose} == {
-            k: v for k, v in config.items() if k not in loose}
-        if earlier.get("mode") != mode or not same:
-            raise ValueError(f"compare: {out}/results.json is of another config or mode; resume needs the "
-                             "same (or write to another --out)")
         # A variant keeps its runs when its name and settings are unchanged (variants may be added).
         kept = {v["variant"]: v["runs"] for v in earlier["variants"]}
         before = {v["variant"]: v["settings"] for v in earlier["variants"]}
@@ -893,8 +920,9 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
             _write_history(os.path.join(out, "history.csv"), results["variants"])
             del trainer, model
     table = format_table(results)
-    with open(os.path.join(out, "table.md"), "w") as f:
+    with open(os.path.join(out, "table.md.tmp"), "w") as f:
         f.write(table + "\n")
+    os.replace(os.path.join(out, "table.md.tmp"), os.path.join(out, "table.md"))
     written = ["config.yaml", "results.json", "history.csv", "table.md"]
     if plots:
         written += [os.path.basename(p) for p in _plots(results, out)]
@@ -903,6 +931,51 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
     print(table)
     print(f"wrote {out}/: {' '.join(written)}")
     return results
+
+
+# Fields a resume may change: free text and the data's location (the data is the same), plus those
+# compared per variant (a variant whose settings changed is trained again, new variants are added).
+RESUME_FREE = ("description", "data_root", "sweep", "ablation", "variants")
+# What run() writes into ``out`` (what the CLI's --overwrite deletes, nothing else).
+OUTPUT_FILES = ("config.yaml", "results.json", "history.csv", "table.md", "curves.png", "ranks.png",
+                "grad_angle.png", "matrix_angle.png", "costs.png", "params.png", "sweep.png",
+                "config.yaml.tmp", "results.json.tmp", "history.csv.tmp", "table.md.tmp")
+
+
+def recorded(out: str) -> tuple[dict, str | None, str] | None:
+    """The run recorded in ``out``: ``(config, mode, path)`` from ``results.json`` (written after
+    every finished run) or else ``config.yaml`` (written first; mode ``None``), or ``None`` when
+    ``out`` holds neither. ``ValueError`` naming the file when it is unreadable."""
+    import yaml
+
+    for name in ("results.json", "config.yaml"):
+        path = os.path.join(out, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path) as f:
+                raw = json.load(f) if name == "results.json" else {"config": yaml.safe_load(f)}
+            return load_config(raw["config"]), raw.get("mode"), path
+        except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as err:
+            raise ValueError(f"{path}: cannot read the earlier run's config to resume it ({err}); "
+                             "start anew with another output folder (or the CLI's --overwrite)") from None
+    return None
+
+
+def resume_conflicts(config: dict, out: str, mode: str) -> list[str]:
+    """``"<field>: recorded <old>, now <new>"`` for every field in which the validated ``config``
+    (and ``mode``) differ from the run recorded in ``out`` (see :func:`recorded`), bar
+    :data:`RESUME_FREE`; ``[]`` when they agree or nothing is recorded."""
+    found = recorded(out)
+    if found is None:
+        return []
+    earlier, earlier_mode, _ = found
+    loose = RESUME_FREE + (("methods",) if config.get("variants") else ())  # derived from the variants
+    out_ = [] if earlier_mode in (None, mode) else [f"mode: recorded {earlier_mode}, now {mode}"]
+    for key in config:
+        if key not in loose and earlier.get(key) != config[key]:
+            out_.append(f"{key}: recorded {earlier.get(key)!r}, now {config[key]!r}")
+    return out_
 
 
 def _plots(results: dict, out: str) -> list[str]:

@@ -6,6 +6,7 @@ import logging
 import warnings
 from collections import Counter
 
+import torch
 from torch import nn
 
 from .layers import SSAConv2d, SSALayer, SSALinear
@@ -79,11 +80,9 @@ def check_skip(model: nn.Module, skip, owner: str = "convert") -> tuple:
 
 
 def _rank_for(rank, child: nn.Module, full: int):
-    """The initial rank of ``child`` (``None``: full): a mapping is per type and clipped to ``full``."""
-    if isinstance(rank, dict):
-        r = rank.get("conv" if isinstance(child, nn.Conv2d) else "linear")
-        return None if r is None else min(r, full)
-    return rank
+    """The initial rank of ``child`` (``None``: full), clipped to ``full``; a mapping is per type."""
+    r = rank.get("conv" if isinstance(child, nn.Conv2d) else "linear") if isinstance(rank, dict) else rank
+    return None if r is None else min(r, full)
 
 
 def convert(model: nn.Module, rank=None, skip=(), seed: int = 0) -> nn.Module:
@@ -91,10 +90,11 @@ def convert(model: nn.Module, rank=None, skip=(), seed: int = 0) -> nn.Module:
 
     Each new layer comes from :meth:`SSALinear.from_dense` / :meth:`SSAConv2d.from_dense`
     (same output at full rank), with ``rank`` leading triplets and seed ``seed + i`` for the
-    ``i``-th converted layer. ``rank``: ``None`` (full rank); an int, which must be
-    ``<= min(m, n)`` of every converted layer (``m × n`` = ``out × in``, or ``N·kw × C·kh`` for
-    a kernel); or a mapping ``{"linear": r, "conv": r}`` per layer type (a missing key or
-    ``None``: full rank), each clipped to the layer's full rank. Existing SSA layers are kept.
+    ``i``-th converted layer. ``rank``: ``None`` (full rank); an int; or a mapping
+    ``{"linear": r, "conv": r}`` per layer type (a missing key or ``None``: full rank); each layer
+    takes ``min(r, full)``, its full rank being ``min(m, n)`` (``m × n`` = ``out × in``, or
+    ``N·kw × C·kh`` for a kernel). Existing SSA layers are kept. A frozen layer
+    (``weight.requires_grad`` false) stays frozen: its factors do not require a gradient.
     ``skip`` holds qualified module names or module types to leave dense (a name, or a module
     of a listed type, also skips every layer under it); a name that is not a submodule, or
     names a module without any ``nn.Linear`` / ``nn.Conv2d``, raises ``ValueError``.
@@ -148,19 +148,17 @@ def convert(model: nn.Module, rank=None, skip=(), seed: int = 0) -> nn.Module:
             if isinstance(child, nn.Conv2d):
                 kh, kw = child.kernel_size
                 full = min(child.out_channels * kw, child.in_channels * kh)
-                what = "min(out_channels·kw, in_channels·kh)"
             else:
                 full = min(child.in_features, child.out_features)
-                what = "min(in_features, out_features)"
             r = _rank_for(rank, child, full)
-            if r is not None and r > full:
-                raise ValueError(f"convert: rank {r} exceeds {what} = {full} of layer {name!r}")
             todo.append((parent, child_name, child, r))
             target = "SSAConv2d" if isinstance(child, nn.Conv2d) else "SSALinear"
             counts[f"{type(child).__name__} -> {target}"] += 1
     for index, (parent, child_name, child, r) in enumerate(todo):
         cls = SSAConv2d if isinstance(child, nn.Conv2d) else SSALinear
-        setattr(parent, child_name, cls.from_dense(child, rank=r, seed=seed + index))
+        layer = cls.from_dense(child, rank=r, seed=seed + index)
+        _keep_frozen(child, layer)
+        setattr(parent, child_name, layer)
     summary = ", ".join(f"{n} {k}" for k, n in counts.items() if k != "skipped")
     log.info("convert: %s; %d left dense%s", summary or "nothing converted", len(left),
              f" ({', '.join(left)})" if left else "")
@@ -178,5 +176,38 @@ def to_dense(model: nn.Module) -> nn.Module:
     for _, parent in list(model.named_modules()):
         for child_name, child in list(parent.named_children()):
             if isinstance(child, special):
-                setattr(parent, child_name, child.to_dense())
+                dense = child.to_dense()
+                _keep_frozen(child, dense)
+                setattr(parent, child_name, dense)
     return model
+
+
+def _keep_frozen(old: nn.Module, new: nn.Module) -> None:
+    """A frozen layer stays frozen when it changes form (``requires_grad_(False)`` on its weight
+    freezes every weight-like parameter of the new form; a frozen bias stays frozen)."""
+    weight = old.U if isinstance(old, SSALayer) else getattr(old, "weight", None)
+    bias = getattr(old, "bias", None)
+    for p in new.parameters():
+        is_bias = p is getattr(new, "bias", None) or (isinstance(new, nn.Sequential) and p.dim() == 1
+                                                      and p is getattr(new[0], "bias", None))
+        src = bias if is_bias else weight
+        if isinstance(src, nn.Parameter) and not src.requires_grad:
+            p.requires_grad_(False)
+
+
+@torch.no_grad()
+def paper_init(model: nn.Module) -> None:
+    """The SSA papers' initialisation, in place: He (Kaiming normal, fan-in, ReLU) for convolutions,
+    Xavier (Glorot uniform) for linear layers, zero biases (torch's global RNG). Dense layers only."""
+    for m in model.modules():
+        if isinstance(m, SSALayer):
+            raise ValueError("Trainer: init='paper' initialises dense layers; the model already holds SSA "
+                             "layers (build it from nn.Linear / nn.Conv2d, or use init='torch')")
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+        else:
+            continue
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

@@ -10,6 +10,7 @@ the whole data stream and a checkpoint restores it.
 
 from __future__ import annotations
 
+import builtins
 import os
 import pickle
 
@@ -257,9 +258,62 @@ def _cifar_dir(name: str, root) -> str:
     return folder
 
 
+def _latin1_encode(text, encoding="latin1", errors="strict"):
+    """``_codecs.encode`` as protocol-2 pickles written by Python 3 use it for ``bytes`` (latin-1 only)."""
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode is allowed only as latin-1 text -> bytes, "
+                                     f"got {type(text).__name__} and {encoding!r}")
+    return text.encode("latin-1", errors)
+
+
+def _allowed_globals() -> dict:
+    """``(module, name) -> object`` of every global a CIFAR python pickle may name: numpy's array
+    (and scalar) reconstruction under both module spellings (numpy < 2 ``numpy.core``, numpy 2
+    ``numpy._core``; ``_frombuffer`` of protocol 5), plain builtin types, and latin-1
+    ``_codecs.encode`` (how Python 3 writes ``bytes`` at protocol 2)."""
+    reconstruct, scalar = np.zeros(0).__reduce__()[0], np.int64(0).__reduce__()[0]
+    frombuffer = np.zeros(1).__reduce_ex__(5)[0]  # protocol 5 (Python 3.14's default)
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): _latin1_encode}
+    for core in ("numpy.core", "numpy._core"):
+        allowed[(f"{core}.multiarray", "_reconstruct")] = reconstruct
+        allowed[(f"{core}.multiarray", "scalar")] = scalar
+        allowed[(f"{core}.numeric", "_frombuffer")] = frombuffer
+    for name in ("set", "frozenset", "list", "dict", "tuple", "bytes", "bytearray", "str", "int",
+                 "float", "complex", "bool"):
+        for module in ("builtins", "__builtin__"):  # Python 2 spelling (protocol 2)
+            allowed[(module, name)] = getattr(builtins, name)
+    return allowed
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only dicts, lists, strings, bytes, numbers and numpy arrays: any
+    other global (a function a crafted file would call: ``os.system``, ``builtins.eval``…) raises
+    ``pickle.UnpicklingError`` naming the file and the global, before anything is called."""
+
+    def __init__(self, file, path: str):
+        super().__init__(file, encoding="bytes")
+        self.path, self.allowed = path, _allowed_globals()
+
+    def find_class(self, module: str, name: str):
+        found = self.allowed.get((module, name))
+        if found is None:
+            import _compat_pickle  # Python 2 names of protocol <= 2 files, as Python 3 reads them
+
+            mapped = _compat_pickle.NAME_MAPPING.get((module, name))
+            mapped = mapped or (_compat_pickle.IMPORT_MAPPING.get(module, module), name)
+            what = f"{module}.{name}" + (f" (= {'.'.join(mapped)})" if mapped != (module, name) else "")
+            raise pickle.UnpicklingError(
+                f"{self.path}: refused to load the global {what}: a CIFAR python pickle holds "
+                "only dicts, lists, bytes, numbers and numpy arrays, so this file is not one (or was "
+                "tampered with) and is not loaded; nothing in it was run")
+        return found
+
+
 def _unpickle(path: str) -> dict:
+    """Load a CIFAR pickle with :class:`_CifarUnpickler` (no code of the file is ever run)."""
     with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+        return _CifarUnpickler(f, path).load()
 
 
 def _cifar_split(folder: str, files: list[str], key: bytes, classes: int):
@@ -303,8 +357,10 @@ def cifar10(root, batch_size: int = 128, seed: int = 0, augment: bool = False, n
 
     ``root`` is the folder holding ``cifar-10-batches-py/`` (the official python archive
     ``cifar-10-python.tar.gz`` extracted) or that folder itself; it must contain
-    ``data_batch_1`` … ``data_batch_5``, ``test_batch`` and ``batches.meta`` (pickles; only load
-    files you trust). Nothing is downloaded: a missing file raises ``FileNotFoundError``.
+    ``data_batch_1`` … ``data_batch_5``, ``test_batch`` and ``batches.meta`` (pickles, read by a
+    restricted unpickler that builds only containers, bytes, numbers and numpy arrays: a file
+    naming any other global raises ``pickle.UnpicklingError`` naming the file and the global,
+    and nothing in it is run). Nothing is downloaded: a missing file raises ``FileNotFoundError``.
 
     Images are float32 ``3×32×32``, normalised per channel with mean ``(0.4914, 0.4822, 0.4465)``
     and std ``(0.2470, 0.2435, 0.2616)``; labels int64. ``augment=True`` adds, to the training

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 import ssa_kernels
-from ssa_kernels import _checks as _kchecks
-from ssa_kernels import reference as _kref
+from ssa_kernels import functional as _kf
 
 from .loss import TARGETS
 
@@ -105,13 +106,25 @@ class SSALayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        from . import _tape  # local import: _tape imports this module
-
-        tape = _tape.active()
-        if tape is not None:  # the trainer records what the local update needs
-            return tape.ssa(self, x)
+        for fn in tuple(getattr(self, "_forward_overrides", {}).values()):
+            out = fn(self, x)
+            if out is not None:  # a trainer recorded what its local update needs
+                return out
         h, _ = self.lowrank(self.flat_input(x))
         return self.shape_output(h, x)
+
+    def register_forward_override(self, fn) -> RemovableHandle:
+        """Let ``fn(layer, x)`` run the forward instead (when it returns a Tensor; ``None``: not now).
+
+        How a local learning rule records what its update needs (:mod:`ssa.local`) without the
+        layer knowing about it; overrides are tried in registration order. Returns a handle whose
+        ``remove()`` uninstalls ``fn``.
+        """
+        if "_forward_overrides" not in self.__dict__:
+            self._forward_overrides = OrderedDict()
+        handle = RemovableHandle(self._forward_overrides)
+        self._forward_overrides[handle.id] = fn
+        return handle
 
     def flat_input(self, x: Tensor) -> Tensor:
         """The input in the op's layout (2-D rows for a linear layer, a 4-D batch for a conv)."""
@@ -546,7 +559,7 @@ class SSAConv2d(SSALayer):
         fn = "SSAConv2d"
         _check_int("in_channels", in_channels, owner=fn)
         _check_int("out_channels", out_channels, owner=fn)
-        kernel, strides, pads, dil = _kchecks.conv_geometry(fn, kernel_size, stride, padding, dilation,
+        kernel, strides, pads, dil = _kf.conv_geometry(fn, kernel_size, stride, padding, dilation,
                                                             groups, padding_mode)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.dilation = kernel, strides, dil
@@ -568,7 +581,7 @@ class SSAConv2d(SSALayer):
         self.frozen_rank = False
         factory = dict(device=device, dtype=dtype if dtype is not None else torch.get_default_dtype())
         K, b = _draw_conv(self.seed, out_channels, in_channels, kernel)
-        self._init_factors(_kref.factors_from_kernel(K), b, r0, bias, factory)
+        self._init_factors(_kf.factors_from_kernel(K), b, r0, bias, factory)
 
     # ------------------------------------------------------------------ views
     @property
@@ -587,7 +600,7 @@ class SSAConv2d(SSALayer):
 
     def weight_from(self, U: Tensor, s: Tensor, V: Tensor) -> Tensor:
         """The kernel of given factors in this layer's layout (``K'`` reshaped, DESIGN §4)."""
-        return _kref.kernel_from_factors(U, s, V, self.kernel_size)
+        return _kf.kernel_from_factors(U, s, V, self.kernel_size)
 
     def extra_repr(self) -> str:
         act = "" if self.activation == "none" else f", activation={self.activation!r}"
@@ -630,7 +643,7 @@ class SSAConv2d(SSALayer):
             g["kernel_size"], g["stride"], g["padding"], g["dilation"], backend=self.backend, **kw)
 
     def preactivation(self, t: Tensor) -> Tensor:
-        _, K2 = _kref.conv_kernels(self.U, self.V, self.kernel_size)
+        _, K2 = _kf.conv_kernels(self.U, self.V, self.kernel_size)
         ts = t.to(self.U.dtype) * self.s[:, None, None]
         return torch.nn.functional.conv2d(ts, K2, self.bias, (1, self.stride[1]), 0, (1, self.dilation[1]))
 
@@ -667,7 +680,7 @@ class SSAConv2d(SSALayer):
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device=K.device,
                     dtype=K.dtype, rank=rank, seed=seed)
-        layer._load_dense(_kref.factors_from_kernel(K), conv.bias, conv.training)
+        layer._load_dense(_kf.factors_from_kernel(K), conv.bias, conv.training)
         return layer
 
     def to_dense(self) -> nn.Module:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from ssa_kernels.reference import PROJECTIONS, SCALINGS
+from ssa_kernels.functional import PROJECTIONS, SCALINGS
 
 #: Alignment-target forms (DESIGN §6); the same tuple as :data:`ssa.layers.TARGETS`.
 TARGETS = ("feedback", "frame", "none")

@@ -24,23 +24,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _tape
 from .baselines import FeedbackConv2d, FeedbackLinear
 from .convert import to_dense
 from .layers import SSAConv2d, SSALayer, SSALinear
+from .local.recording import paused
 
 __all__ = ["cpu_peak_bytes", "peak_bytes", "layer_shapes", "training_flops", "gradient_alignment",
-           "matrix_alignment", "FLOP_METHODS"]
+           "matrix_alignment", "dense_forward_flops", "ssa_layer_costs"]
 
 #: Layers whose weights are trained (feedback layers are subclasses of nn.Linear / nn.Conv2d).
 WEIGHT_LAYERS = (nn.Linear, nn.Conv2d, SSALayer)
-#: Trained by autograd through the true (``bp``) or a layer-to-layer feedback backward.
-_BACKPROP = ("bp", "fa", "usf", "brsf")
-#: Direct feedback of the output error (``dfa``) or of the one-hot target (``drtp``).
-_DIRECT = ("dfa", "drtp")
-_LAYER_TO_LAYER = ("fa", "usf", "brsf")
-#: The methods :func:`training_flops` counts (the trainer's ``METHODS``).
-FLOP_METHODS = ("ssa", "bp", "svd_bp", "dfa", "drtp", "fa", "usf", "brsf", "sgr")
 
 
 def cpu_peak_bytes(fn) -> int:
@@ -112,14 +105,11 @@ def peak_bytes(fn, device: str | torch.device = "cpu") -> int:
 # ---------------------------------------------------------------------------- helpers
 def _check_trainer(fn: str, trainer) -> nn.Module:
     model = getattr(trainer, "model", None)
-    if not isinstance(model, nn.Module) or not isinstance(getattr(trainer, "method", None), str):
-        raise TypeError(f"{fn}: trainer must be an ssa.Trainer, got {type(trainer).__name__}")
+    rule = getattr(trainer, "rule", None)
+    if not isinstance(model, nn.Module) or not callable(getattr(rule, "layer_flops", None)):
+        raise TypeError(f"{fn}: trainer must be an ssa.Trainer (with a method object in .rule), "
+                        f"got {type(trainer).__name__}")
     return model
-
-
-def _check_method(fn: str, method: str) -> None:
-    if method not in FLOP_METHODS:
-        raise ValueError(f"{fn}: unknown method {method!r} of trainer.method (known: {FLOP_METHODS})")
 
 
 def _check_x_shape(fn: str, x_shape) -> tuple[int, ...]:
@@ -141,7 +131,7 @@ def _weight_layers(model: nn.Module) -> dict[str, nn.Module]:
 
 def _local_heads(trainer) -> list[nn.Module]:
     """The trainer's *local modules* (their input is detached, DESIGN §5)."""
-    return [u.head for u in getattr(trainer, "units", ()) if getattr(u, "kind", None) == "local"]
+    return list(trainer.rule.local_heads())
 
 
 def _model_like(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -264,7 +254,7 @@ def _layer_shapes(fn: str, trainer, x_shape) -> dict[str, dict]:
                 handles.append(head.register_forward_pre_hook(detach))
             model.eval()
             x = torch.zeros((1, *shape[1:]), device=device, dtype=dtype)
-            with _tape.activate(None), torch.enable_grad():
+            with paused(), torch.enable_grad():
                 try:
                     model(x)
                 except (RuntimeError, ValueError, TypeError, IndexError) as e:
@@ -340,6 +330,9 @@ def training_flops(trainer, x_shape) -> dict[str, int]:
     feedback at its output) is booked on its last layer in execution order. A frozen layer
     costs its forward and, where needed, its input-gradient.
 
+    Each method owns its count (``trainer.rule.layer_flops``, :mod:`ssa.methods`); this function
+    describes the layers and sums.
+
     Args:
         trainer: an :class:`ssa.Trainer`.
         x_shape: shape of a training batch ``(B, *sample_shape)``.
@@ -348,12 +341,11 @@ def training_flops(trainer, x_shape) -> dict[str, int]:
         ``{layer name: FLOPs}`` in execution order, plus ``"total"``.
 
     Raises:
-        ValueError: unknown ``trainer.method``; bad ``x_shape`` (see :func:`layer_shapes`).
+        TypeError: not a trainer; ValueError: bad ``x_shape`` (see :func:`layer_shapes`).
     """
     fn = "training_flops"
     model = _check_trainer(fn, trainer)
-    method = trainer.method
-    _check_method(fn, method)
+    rule = trainer.rule
     shape = _check_x_shape(fn, x_shape)
     shapes = _layer_shapes(fn, trainer, shape)
     B, C = shape[0], int(trainer.num_classes)
@@ -370,19 +362,20 @@ def training_flops(trainer, x_shape) -> dict[str, int]:
             signal = not L["is_output"]
         else:
             signal = last_of_local[L["local"]] == name and L["local"] not in output_local
-        out[name] = int(L["calls"] * _layer_flops(method, L, module, B, C, signal))
+        out[name] = int(L["calls"] * rule.layer_flops(L, module, B, C, signal))
     out["total"] = sum(out.values())
     return out
 
 
-def _dense_forward(L: dict, B: int) -> int:
+def dense_forward_flops(L: dict, B: int) -> int:
+    """Forward FLOPs of a dense layer described by :func:`layer_shapes` for a batch of ``B``."""
     if L["kind"] == "linear":
         return 2 * B * L["rows"] * L["out"] * L["in"]
     (Ho, Wo), (kh, kw) = L["out_size"], L["kernel"]
     return 2 * B * Ho * Wo * L["out"] * (L["in"] // L["groups"]) * kh * kw
 
 
-def _ssa_costs(L: dict, B: int) -> tuple[int, int, int, int]:
+def ssa_layer_costs(L: dict, B: int) -> tuple[int, int, int, int]:
     """``(forward, V-side product, fused factor-gradient update, 2·2·r²·(m + n))`` of an SSA layer."""
     r = L["rank"]
     if L["kind"] == "linear":
@@ -400,41 +393,6 @@ def _ssa_costs(L: dict, B: int) -> tuple[int, int, int, int]:
         forward, v_side = conv1 + conv2, conv1
         update = 2 * conv2 + conv1 + 2 * B * r * r * Ho * Wt + 6 * (m + n) * r * r
     return forward, v_side, update, 4 * r * r * (m + n)
-
-
-def _layer_flops(method: str, L: dict, module: nn.Module, B: int, C: int, signal: bool) -> int:
-    d, trainable, input_grad, local = L["out"], L["trainable"], L["input_grad"], L["local"] is not None
-    if L["rank"] is not None:  # SSA layer
-        forward, v_side, update, penalty = _ssa_costs(L, B)
-        if method in ("ssa",) + _DIRECT:
-            if not signal:
-                project = 0
-            elif local:  # a local module's dense feedback at its output
-                project = 2 * B * C * d
-            else:  # δh = ((e Q) ⊙ σ) Pᵀ
-                P = module.feedback_P
-                k = P.shape[1] if P is not None else min(C, d, L["rank"])
-                project = 2 * B * k * (C + d)
-            backprop = forward if local and input_grad else 0
-            return forward + (update + project if trainable else 0) + backprop
-        # trained by autograd through the factors (svd_bp; other methods never keep SSA layers)
-        if not trainable:
-            backward = forward if input_grad else 0
-        elif input_grad:
-            backward = 2 * forward
-        else:  # factor gradients only: no x-gradient (2·p·n·r, conv1)
-            backward = 2 * forward - v_side
-        return forward + backward + (penalty if method == "svd_bp" and trainable else 0)
-    f = _dense_forward(L, B)
-    weight = f if trainable else 0
-    if method in _BACKPROP or method == "svd_bp":
-        return f + weight + (f if input_grad else 0)
-    if method == "sgr":
-        head = 2 * 2 * B * d * C if signal else 0
-        return f + weight + (3 * f if input_grad else 0) + head
-    # dfa, drtp, and dense layers of an ssa model
-    project = 2 * B * C * d if signal else 0
-    return f + weight + project + (f if local and input_grad else 0)
 
 
 # ---------------------------------------------------------------------------- alignment angles
@@ -510,7 +468,7 @@ def gradient_alignment(trainer, x: Tensor, y: Tensor) -> dict[str, float]:
         twin = twin.to_dense() if isinstance(twin, special) else to_dense(twin)
         for p in twin.parameters():
             p.grad = None
-        with _tape.activate(None), torch.enable_grad():  # the trainer's (copied) hooks stay idle
+        with paused(), torch.enable_grad():  # the trainer's (copied) hooks stay idle
             F.cross_entropy(twin(x).float(), y).backward()
     out = {}
     for name in layers:
@@ -523,7 +481,7 @@ def _direct_feedback(trainer, name: str, layer: nn.Module) -> Tensor | None:
     """``B_i`` (d × C) of a direct-feedback layer, or ``None`` before it exists."""
     if isinstance(layer, SSALayer) and layer.feedback_P is not None:
         return (layer.feedback_P * layer.feedback_sigma) @ layer.feedback_Q.t()
-    return getattr(trainer, "feedback", {}).get(name)
+    return trainer.rule.direct_feedback(name, layer)
 
 
 def matrix_alignment(trainer) -> dict[str, float]:
@@ -546,25 +504,26 @@ def matrix_alignment(trainer) -> dict[str, float]:
       and ``W_j``, keyed by layer ``j``'s name.
     * ``bp``, ``svd_bp``, ``sgr``: no feedback matrix, ``{}``.
 
+    Which case applies is the method's ``feedback_kind`` (:class:`ssa.methods.Method`).
+
     Returns:
         ``{layer name: degrees}``.
 
     Raises:
-        ValueError: unknown ``trainer.method``.
+        TypeError: not a trainer.
     """
     fn = "matrix_alignment"
     model = _check_trainer(fn, trainer)
-    method = trainer.method
-    _check_method(fn, method)
+    kind = trainer.rule.feedback_kind
     layers = list(_weight_layers(model).items())
     out: dict[str, float] = {}
-    if method in _LAYER_TO_LAYER:
+    if kind == "layer":
         feedback = [(n, m) for n, m in layers if isinstance(m, (FeedbackLinear, FeedbackConv2d))]
         with _Untouched(model, _model_like(model)[0]), torch.no_grad():
             for name, layer in feedback[1:]:
                 out[name] = _angle(layer.feedback_matrix(), layer.weight)
         return out
-    if method not in ("ssa",) + _DIRECT:
+    if kind != "direct":
         return out
     with torch.no_grad():
         for i, (name, layer) in enumerate(layers[:-1]):
@@ -593,7 +552,7 @@ def truncated_accuracy(model: nn.Module, loader, fractions, skip_last: bool = Tr
     Parameters are counted as an SSA model holding those ranks would: ``(m + n + 1)·r`` (+ bias)
     for a cut layer, everything else as it is. Returns ``[{"fraction", "params", "acc"}]``.
     """
-    from ssa_kernels.reference import factors_from_kernel, kernel_from_factors
+    from ssa_kernels.functional import factors_from_kernel, kernel_from_factors
 
     names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     if skip_last and names:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from dataclasses import asdict, dataclass
 from fractions import Fraction
@@ -109,6 +111,28 @@ class RankSchedule:
         span = self.end - self.start_epoch
         return -(-r0 * (span - (k // self.interval) * self.interval) // span)
 
+    def energy_rank(self, s: torch.Tensor) -> int:
+        """The smallest ``r`` with ``Σ_{j<r} s_j² ≥ energy · Σ s_j²`` for ``s`` sorted descending
+        (DESIGN §8); at an exact tie that ``r`` itself.
+
+        Exact, like the other thresholds: ``s_j²`` of the stored values in integer arithmetic and
+        ``energy`` as the decimal it prints as — in floats ``0.55 · 220`` is ``121.00000000000001``,
+        so ``s = (11, 9, 3, 3)`` (``s² = 121, 81, 9, 9``) would keep 2 where 1 holds 55 %.
+        """
+        values = s.detach().double().cpu().tolist()
+        if not values:
+            raise ValueError("RankSchedule: the layer has no singular values")
+        if not all(math.isfinite(v) for v in values):
+            raise FloatingPointError("RankSchedule: the layer's singular values are not finite "
+                                     f"({values}); the energy criterion needs finite s")
+        ratios = [abs(v).as_integer_ratio() for v in values]
+        q = max(d for _, d in ratios)  # powers of two: every s_j is an integer over q
+        squares = [(num * (q // d)) ** 2 for num, d in ratios]  # s_j² · q², exact
+        e = _decimal(self.energy)
+        cum = list(itertools.accumulate(e.denominator * v for v in squares))
+        # cum[r-1] = den · Σ_{j<r} s_j² ≥ num · Σ s_j²: the first such prefix (bisect_left: ties count).
+        return bisect.bisect_left(cum, e.numerator * sum(squares)) + 1
+
     # ------------------------------------------------------------------ the step
     def step_layer(self, layer, epoch: int, is_output: bool = False, optimizer=None) -> int | None:
         """Apply the schedule to one SSA layer at the end of ``epoch``; the new rank if cut."""
@@ -121,9 +145,7 @@ class RankSchedule:
         target = self.target(epoch, r0)
         if target <= _decimal(self.zeta) * r0:  # late phase: energy check (0.7 · 90 is 63, not 62.99…)
             layer.reorthonormalize(sort=True, optimizer=optimizer)
-            s2 = layer.s.detach().double().pow(2)
-            cum = torch.cumsum(s2, 0)
-            target = int(torch.searchsorted(cum, self.energy * cum[-1]).item()) + 1
+            target = self.energy_rank(layer.s)
             if target >= layer.rank:
                 layer.frozen_rank = True
                 return None

@@ -23,7 +23,11 @@ from __future__ import annotations
 import importlib
 import warnings
 
-from . import _backends, _ops  # noqa: F401  (_ops defines every op schema first)
+from . import (  # noqa: F401  (_ops defines every op schema first)
+    _backends,
+    _ops,
+    functional,  # noqa: F401  (the shared math, public)
+)
 from ._api import (
     available_backends,
     dfa_project,
@@ -59,6 +63,7 @@ _load_extension()
 __all__ = [
     "available_backends",
     "dfa_project",
+    "functional",
     "lowrank_conv2d",
     "lowrank_linear",
     "reorthonormalize",

@@ -126,9 +126,17 @@ REGISTRY = {
 def available_backends(device: torch.device | str | None = None, op: str | None = None) -> list[str]:
     """Names of the backends that can run on ``device`` (default: CPU), in preference order.
 
-    With ``op``, only those that implement it.
+    With ``op`` (one of the op names, e.g. ``"lowrank_linear"``), only those that implement it.
+    An unknown device string or op name raises ``ValueError``.
     """
-    device = torch.device("cpu" if device is None else device)
+    try:
+        device = torch.device("cpu" if device is None else device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"ssa_kernels.available_backends: device must be a torch.device or a device "
+                         f"string like 'cpu' or 'cuda:0', got {device!r} ({err})") from None
+    if op is not None and op not in _ops.SCHEMAS:
+        raise ValueError(f"ssa_kernels.available_backends: op must be one of {tuple(_ops.SCHEMAS)}, "
+                         f"got {op!r}")
     order = PREFERENCE.get(device.type, ("reference",))
     names = [n for n in order if REGISTRY[n].available(device)]
     names += [n for n in BACKENDS if n not in names and REGISTRY[n].available(device)]

@@ -180,9 +180,10 @@ def batch_inputs(fn: str, x, t, delta, forward: str) -> None:
     tensor(fn, "delta", delta, ndim=x.dim())
     same(fn, "x", x, "delta", delta)
     same(fn, "x", x, "t", t, dtype=False)
-    if t.dtype not in (x.dtype, acc_dtype(x.dtype)):
-        raise TypeError(f"{fn}: t must have dtype {x.dtype} or {acc_dtype(x.dtype)} (as "
-                        f"{forward} returns it), got {t.dtype}")
+    allowed = dict.fromkeys((x.dtype, acc_dtype(x.dtype)))  # one entry when x is fp32 or fp64
+    if t.dtype not in allowed:
+        raise TypeError(f"{fn}: t must have dtype {' or '.join(map(str, allowed))} (as "
+                        f"{forward} returns it for x of {x.dtype}), got {t.dtype}")
 
 
 def svd_factor_grads(x, t, delta, U, s, V, BU, BS, BV, align):
@@ -304,7 +305,7 @@ def conv_out_shape(fn: str, x, kernel, stride, padding, dilation) -> tuple[int, 
     Wt = W + padding[2] + padding[3]
     Wo = conv_out_size(Wt, 0, kernel[1], stride[1], dilation[1])
     if Ho < 1 or Wo < 1:
-        raise ValueError(f"{fn}: input {_shape(x)} is smaller than the dilated kernel {kernel} "
+        raise ValueError(f"{fn}: the input x {_shape(x)} is smaller than the dilated kernel {kernel} "
                          f"(dilation {dilation}, padding {padding}): the output would be {Ho}×{Wo}")
     return Ho, Wo, Wt
 

@@ -12,6 +12,8 @@ classes ``C``, feedback width ``k = min(C, d)``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -157,8 +159,9 @@ def dfa_project(
     if cos != 0.0:
         if a is None:
             raise ValueError("dfa_project: cos != 0 needs the pre-activation a")
-        af = a.reshape(p, -1)
-        g = -dh.reshape(p, -1)
+        width = math.prod(h.shape[1:])  # not -1: a reshape cannot infer it when p = 0
+        af = a.reshape(p, width)
+        g = -dh.reshape(p, width)
         na = af.norm(dim=1, keepdim=True).clamp_min(COS_NORM_EPS)
         ng = g.norm(dim=1, keepdim=True).clamp_min(COS_NORM_EPS)
         dot = (af * g).sum(1, keepdim=True)

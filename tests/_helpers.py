@@ -141,3 +141,83 @@ def batch(p=9, n=12, C=5, seed=0):
 
 def grads(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# ---------------------------------------------------------------------------- multi-process tests
+def _dist_entry(fn, rank, world, init_file, timeout_s, args):
+    """A rank of :func:`run_distributed`: init, ``fn``, barrier, destroy, hard exit."""
+    import datetime
+    import faulthandler
+    import sys
+    import traceback
+
+    import torch.distributed as dist
+
+    faulthandler.enable()  # a crash still prints every thread's Python stack
+    code = 1
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+        try:
+            fn(rank, world, *args)
+            # No rank tears down its connections while a peer may still be reading from them.
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+        code = 0
+    except BaseException:  # noqa: BLE001 - reported on stderr, exit code 1
+        traceback.print_exc()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Skip interpreter and C++ static teardown: the results are on disk, and gloo's
+        # transport threads must not race the process's destructors (SIGABRT,
+        # "terminate called without an active exception", seen on a loaded machine).
+        os._exit(code)
+
+
+def run_distributed(fn, world: int, *args, timeout: float = 300.0) -> None:
+    """Run ``fn(rank, world, *args)`` in ``world`` fresh (spawned) processes joined in a gloo group.
+
+    The robust pattern for multi-process tests: a file rendezvous in a private temporary folder
+    (no port to collide with other tests or agents on the machine), an explicit collective
+    timeout, a barrier before ``destroy_process_group``, children that leave through
+    ``os._exit`` once their results are written, and a parent that waits at most ``timeout``
+    seconds, kills what is left and names the rank that failed. ``fn`` must be a module-level
+    function and write its results to files (return values are dropped).
+    """
+    import tempfile
+    import time
+
+    ctx = torch.multiprocessing.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="ssa-dist-") as folder:
+        init = os.path.join(folder, "rendezvous")
+        procs = [ctx.Process(target=_dist_entry, args=(fn, r, world, init, timeout, args), daemon=True)
+                 for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout + 30  # + start-up (imports) on a loaded machine
+        timed_out = False
+        while True:
+            codes = [p.exitcode for p in procs]
+            if None not in codes or any(c not in (None, 0) for c in codes):
+                break
+            if time.monotonic() > deadline:
+                timed_out = True
+                break
+            procs[codes.index(None)].join(0.2)
+        first = next((r for r, p in enumerate(procs) if p.exitcode not in (None, 0)), None)
+        grace = time.monotonic() + (0 if timed_out or first is not None else 5)
+        for p in procs:  # a failed rank leaves its peers blocked in a collective: end them
+            p.join(max(0.0, grace - time.monotonic()))
+            if p.is_alive():
+                p.kill()
+                p.join()
+        codes = {r: p.exitcode for r, p in enumerate(procs)}
+        if timed_out:
+            raise AssertionError(f"run_distributed({fn.__name__}): timed out after {timeout:.0f} s; "
+                                 f"exit codes {codes}")
+        if first is not None:
+            raise AssertionError(f"run_distributed({fn.__name__}): rank {first} failed first; exit codes "
+                                 f"{codes} (negative: killed by that signal; see the captured stderr)")

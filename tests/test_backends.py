@@ -307,3 +307,128 @@ def test_auto_picks_the_first_available_of_its_order(op, monkeypatch):
                      if _backends.REGISTRY[n].available(device))
         chosen = _backends.select(op, "auto", device, torch.float32)
         assert chosen is _backends.REGISTRY[first].op(op)
+
+
+# ------------------------------------------------------------ edge cases (every backend)
+
+ALL_CASES = [pytest.param("cpu", "reference", id="cpu-reference"), *CASES]
+INF = float("inf")
+
+
+def _torch_activation(a, act, slope):
+    """torch's own activation functions, independent of reference.activate."""
+    F = torch.nn.functional
+    return {"none": lambda v: v, "relu": F.relu, "leaky_relu": lambda v: F.leaky_relu(v, slope),
+            "tanh": torch.tanh, "sigmoid": torch.sigmoid}[act](a)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter: −inf·0
+@pytest.mark.parametrize("device,backend", ALL_CASES)
+def test_lowrank_linear_activations_at_infinity_match_torch(device, backend):
+    """A −inf / +inf / NaN pre-activation (from the bias) gives torch's f(a) in every backend:
+    relu(−inf) = 0 (not −inf·0 = NaN), leaky_relu(−inf) = −inf, tanh(±inf) = ±1,
+    sigmoid(±inf) = 0 / 1, and NaN propagates."""
+    x, U, s, V, b = _linear_inputs(7, 5, 6, 3)
+    b[1], b[3], b[4] = -INF, INF, float("nan")
+    for act in ACTIVATIONS:
+        for slope in (0.1, 0.0):
+            args = to(device, torch.float32, x, U, s, V, b)
+            h, _ = ssa_kernels.lowrank_linear(*args, act, backend=backend, negative_slope=slope)
+            a64 = (x @ V * s) @ U.t() + b
+            want = _torch_activation(a64, act, slope)
+            what = f"{act} slope={slope}"
+            torch.testing.assert_close(h.double().cpu(), want, rtol=2e-5, atol=2e-5, equal_nan=True,
+                                       msg=lambda m, w=what: f"{w}: {m}")
+            assert torch.equal(torch.isnan(h.cpu()), torch.isnan(want)), what
+
+
+@pytest.mark.parametrize("device,backend", ALL_CASES)
+def test_dfa_project_activation_grads_at_infinity_match_autograd(device, backend):
+    """f'(a) read from h = f(a) at a = ±inf is autograd's: relu 0 / 1, leaky_relu slope / 1,
+    tanh and sigmoid 0."""
+    for spatial in ((), (2,)):
+        e, P, sigma, Q, a = _dfa_inputs(5, 6 // (len(spatial) + 1), 10, spatial)
+        a.view(5, -1)[0, 1], a.view(5, -1)[2, 3], a.view(5, -1)[4, 0] = -INF, INF, -INF
+        dh = ref.feedback_signal(e, P, sigma, Q)
+        dhv = dh.reshape(dh.shape + (1,) * len(spatial)).expand(a.shape)
+        for act in ACTIVATIONS:
+            leaf = a.clone().requires_grad_()
+            h64 = _torch_activation(leaf, act, 0.2)
+            (want,) = torch.autograd.grad(h64, leaf, dhv)
+            args = to(device, torch.float32, e, P, sigma, Q, h64.detach())
+            out = ssa_kernels.dfa_project(*args, act, negative_slope=0.2, backend=backend)
+            assert not out.isnan().any(), f"{act} spatial={spatial}"
+            assert_close_fp32(out, want, f"{act} spatial={spatial}")
+
+
+@pytest.mark.parametrize("device,backend", ALL_CASES)
+def test_dfa_project_empty_batch(device, backend):
+    """p = 0: an empty delta of h's shape from every backend, with and without the cosine term."""
+    for d, spatial in ((5, ()), (6, (3, 2))):
+        e, P, sigma, Q, a = _dfa_inputs(1, d, 10, spatial)
+        e, a = e[:0], a[:0]
+        for act in ("relu", "sigmoid"):
+            h = ref.activate(a, act)
+            for cos in (0.0, 0.5):
+                args = to(device, torch.float32, e, P, sigma, Q, h, a)
+                out = ssa_kernels.dfa_project(*args[:5], act, a=args[5], cos=cos, backend=backend)
+                assert out.shape == h.shape and out.dtype == torch.float32, (d, spatial, act, cos)
+                assert out.device.type == device
+
+
+def _ortho_only(U, V, projection):
+    """Independent form of the ortho term: autograd of ortho·(‖UᵀU − I‖² + ‖VᵀV − I‖²),
+    projected by M − Y(YᵀM) under ``paper`` (added after projecting under ``stiefel``)."""
+    Ul, Vl = U.clone().requires_grad_(), V.clone().requires_grad_()
+    eye = torch.eye(U.shape[1], dtype=U.dtype)
+    penalty = (Ul.t() @ Ul - eye).pow(2).sum() + (Vl.t() @ Vl - eye).pow(2).sum()
+    gU, gV = torch.autograd.grad(penalty, (Ul, Vl))
+    if projection == "paper":
+        gU, gV = gU - U @ (U.t() @ gU), gV - V @ (V.t() @ gV)
+    return gU, gV
+
+
+@pytest.mark.parametrize("device,backend", CASES)
+def test_svd_factor_grads_ortho_term_alone(device, backend):
+    """delta = 0, align = hoyer = 0: only the ortho penalty is left, on factors off the manifold
+    (the other tests use orthonormal U, V, where the ortho term vanishes)."""
+    g = gen(11)
+    p, n, m, r = 9, 12, 10, 4
+    x = torch.randn(p, n, dtype=torch.float64, generator=g)
+    U = torch.randn(m, r, dtype=torch.float64, generator=g) / 2
+    V = torch.randn(n, r, dtype=torch.float64, generator=g) / 2
+    s = 0.5 + torch.rand(r, dtype=torch.float64, generator=g)
+    delta = torch.zeros(p, m, dtype=torch.float64)
+    ortho = 0.7
+    for proj in PROJECTIONS:
+        for sc in SCALINGS:
+            args = to(device, torch.float32, x, x @ V, delta, U, s, V)
+            gU, gs, gV, gb = ssa_kernels.svd_factor_grads(*args, ce=1.0, ortho=ortho, scaling=sc,
+                                                          projection=proj, backend=backend)
+            wU, wV = _ortho_only(*(a.double().cpu() for a in (args[3], args[5])), proj)
+            assert wU.abs().max() > 0.1  # the penalty is far from zero here
+            assert_close_fp32(gU, ortho * wU, f"gU {proj}/{sc}")
+            assert_close_fp32(gV, ortho * wV, f"gV {proj}/{sc}")
+            assert_close_fp32(gs, torch.zeros(r), "gs")
+            assert_close_fp32(gb, torch.zeros(m), "gb")
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[1] != "triton"])
+def test_svd_conv_factor_grads_ortho_term_alone(device, backend):
+    """The convolution op shares the epilogue: the same isolated ortho term."""
+    g = gen(12)
+    p, C, N, kh, kw, r = 2, 3, 4, 3, 2, 3
+    x = torch.randn(p, C, 6, 5, dtype=torch.float64, generator=g)
+    U = torch.randn(N * kw, r, dtype=torch.float64, generator=g) / 2
+    V = torch.randn(C * kh, r, dtype=torch.float64, generator=g) / 2
+    s = 0.5 + torch.rand(r, dtype=torch.float64, generator=g)
+    h, t = ref.lowrank_conv2d(x, U, s, V, None, (kh, kw))
+    for proj in PROJECTIONS:
+        args = to(device, torch.float32, x, t, torch.zeros_like(h), U, s, V)
+        gU, gs, gV, gb = ssa_kernels.svd_conv_factor_grads(*args, (kh, kw), ce=1.0, ortho=0.7,
+                                                           projection=proj, backend=backend)
+        wU, wV = _ortho_only(*(a.double().cpu() for a in (args[3], args[5])), proj)
+        assert_close_fp32(gU, 0.7 * wU, f"gU {proj}")
+        assert_close_fp32(gV, 0.7 * wV, f"gV {proj}")
+        assert_close_fp32(gs, torch.zeros(r), "gs")
+        assert_close_fp32(gb, torch.zeros(N), "gb")

@@ -378,3 +378,86 @@ def test_resume_trains_only_what_is_missing(tmp_path, monkeypatch):
     assert [len(v["runs"]) for v in results["variants"]] == [1, 1, 1]
     with pytest.raises(ValueError, match="another config"):
         compare.run({**more, "epochs": 1}, str(out), quiet=True, plots=False, resume=True)
+
+
+# ---------------------------------------------------------------- config holes, output folder, resume
+@pytest.mark.parametrize("text", ["", "# only a comment\n"])
+def test_cli_empty_config_file_is_an_error_naming_it(tmp_path, capsys, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        ssa.cli.main(["compare", "--config", str(path), "--out", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"config file {str(path)!r} is empty" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("kwargs, field", [
+    ({"hidden": [0]}, "model_kwargs.hidden[0]"), ({"hidden": [16, -2]}, "model_kwargs.hidden[1]"),
+    ({"hidden": [2.5]}, "model_kwargs.hidden[0]"), ({"hidden": ["8"]}, "model_kwargs.hidden[0]"),
+    ({"hidden": [True]}, "model_kwargs.hidden[0]"), ({"hidden": 16}, "model_kwargs.hidden"),
+    ({"activation": "swish"}, "model_kwargs"),
+])
+def test_cli_bad_model_kwargs_exit_2_before_writing(tmp_path, capsys, kwargs, field):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as info:
+        ssa.cli.main(["compare", "--config", str(_write(tmp_path, {**TINY, "model_kwargs": kwargs})),
+                      "--out", str(out)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"config field {field!r}" in err and "Traceback" not in err
+    assert not out.exists()
+    with pytest.raises(ValueError, match=re.escape(f"config field {field!r}")):
+        compare.load_config({**TINY, "model_kwargs": kwargs})
+
+
+def test_cli_seeds_must_be_below_2_to_the_32(tmp_path):
+    with pytest.raises(ValueError, match=r"config field 'seeds\[1\]'"):
+        compare.load_config({**TINY, "seeds": [0, 2**32]})
+
+
+def test_cli_existing_output_folder_needs_resume_or_overwrite(tmp_path, capsys):
+    config = _write(tmp_path, {**TINY, "methods": ["bp"], "seeds": [0], "epochs": 1})
+    out = tmp_path / "o"
+    args = ["compare", "--config", str(config), "--out", str(out), "--quiet", "--no-plots"]
+    ssa.cli.main(args)
+    before = (out / "results.json").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        ssa.cli.main(args)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--resume" in err and "--overwrite" in err
+    assert (out / "results.json").read_text() == before
+    (out / "notes.txt").write_text("mine")
+    (out / "curves.png").write_bytes(b"old")  # a plot of the earlier run: deleted by --overwrite
+    ssa.cli.main(args + ["--overwrite", "--seeds", "1"])
+    results = json.loads((out / "results.json").read_text())
+    assert [r["seed"] for r in results["variants"][0]["runs"]] == [1]
+    assert (out / "notes.txt").read_text() == "mine" and not (out / "curves.png").exists()
+
+
+def test_cli_resume_refuses_a_changed_config_and_takes_options_from_the_record(tmp_path, capsys, monkeypatch):
+    raw = {**TINY, "methods": ["bp"], "seeds": [0], "epochs": 2}
+    out = tmp_path / "o"
+    args = ["compare", "--out", str(out), "--quiet", "--no-plots"]
+    ssa.cli.main(args + ["--config", str(_write(tmp_path, raw)), "--epochs", "1"])
+    record = (out / "config.yaml").read_text()
+    capsys.readouterr()
+    changed = _write(tmp_path, {**raw, "lr": 0.5, "batch_size": 128}, "changed.yaml")
+    with pytest.raises(SystemExit) as info:
+        ssa.cli.main(args + ["--config", str(changed), "--epochs", "1", "--resume"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "batch_size: recorded 256, now 128" in err and "lr: recorded 0.001, now 0.5" in err
+    assert "Traceback" not in err
+    assert (out / "config.yaml").read_text() == record  # the record is not replaced by a refused run
+    fits = []
+    monkeypatch.setattr(compare, "_make_trainer", lambda *a: fits.append(a) or None)  # nothing is trained
+    results = ssa.cli.main(args + ["--config", str(_write(tmp_path, raw)), "--resume"])
+    assert results == 0 and fits == []  # --epochs 1 taken from the record: the finished run is kept
+    assert yaml.safe_load((out / "config.yaml").read_text())["epochs"] == 1
+    with pytest.raises(ValueError, match="epochs: recorded 1, now 2"):
+        compare.run({**raw, "epochs": 2}, str(out), quiet=True, plots=False, resume=True)

@@ -206,8 +206,8 @@ def test_convert_leaves_grouped_and_depthwise_convs_dense(caplog):
         and "padding_mode='circular'" in text
         and "3 left dense" in text
     )
-    with pytest.raises(ValueError, match=r"rank 30 exceeds min\(out_channels·kw, in_channels·kh\) = 12"):
-        ssa.convert(nn.Sequential(nn.Conv2d(4, 8, 3)), rank=30)
+    capped = ssa.convert(nn.Sequential(nn.Conv2d(4, 8, 3), nn.Conv2d(8, 2, 1)), rank=30)
+    assert [m.rank for m in capped] == [12, 2]  # each layer at min(rank, its full rank)
     with pytest.raises(TypeError, match="SSAConv2d.from_dense"):
         ssa.convert(nn.Conv2d(3, 3, 3))
 

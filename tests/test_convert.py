@@ -77,12 +77,24 @@ def test_low_rank():
                                    rtol=1e-5, atol=1e-6)
 
 
-def test_rank_larger_than_a_layer_raises_naming_it_and_leaves_the_model_alone():
+def test_rank_larger_than_a_layer_is_capped_at_its_full_rank():
     model = net()
-    before = {n: type(m) for n, m in model.named_modules()}
-    with pytest.raises(ValueError, match="'heads.b'"):  # heads.b is 6 -> 3: rank 4 does not fit
-        ssa.convert(model, rank=4)
-    assert {n: type(m) for n, m in model.named_modules()} == before
+    full = {n: min(m.in_features, m.out_features) for n, m in model.named_modules() if type(m) is nn.Linear}
+    ssa.convert(model, rank=4)  # heads.b is 6 -> 3: it keeps its full rank 3
+    assert {n: m.rank for n, m in ssa_layers(model).items()} == {n: min(4, f) for n, f in full.items()}
+    assert model.heads["b"].rank == 3
+
+
+def test_a_frozen_layer_stays_frozen_through_convert_and_back():
+    model = net()
+    model.heads["b"].requires_grad_(False)
+    ssa.convert(model)
+    frozen = model.heads["b"]
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert all(p.requires_grad for n,
+               m in ssa_layers(model).items() if n != "heads.b" for p in m.parameters())
+    ssa.to_dense(model)
+    assert not model.heads["b"].weight.requires_grad
 
 
 @pytest.mark.parametrize("rank", [0, -1, 2.0, True])

@@ -195,3 +195,101 @@ def test_emulated_svd_conv_factor_grads(emu, dt):
         for name, gg, w in zip(("gU", "gs", "gV", "gb"), got, want):
             assert gg.dtype == dt
             _close(f"{name} {(p, C, N, kernel)} {proj}/{sc}", gg, w, dt, max(4.0, (p * H * W) ** 0.5))
+
+
+# ------------------------------------------------------------------------- edge cases
+
+INF = float("inf")
+
+
+def _torch_act(a, act, slope):
+    F = torch.nn.functional
+    return {"none": lambda v: v, "relu": F.relu, "leaky_relu": lambda v: F.leaky_relu(v, slope),
+            "tanh": torch.tanh, "sigmoid": torch.sigmoid}[act](a)
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.float64], ids=str)
+def test_emulated_activations_at_infinity(emu, dt):
+    """A ±inf / NaN pre-activation (from the bias) gives torch's f(a): relu(−inf) = 0 (not NaN),
+    leaky_relu(−inf) = −inf, tanh(±inf) = ±1, sigmoid(±inf) = 1 / 0; fused epilogue (r <= 128)
+    and the r > 128 fallback's elementwise kernel."""
+    g = gen(4)
+    for p, n, m, r in ((7, 5, 6, 3), (3, 131, 140, 130)):
+        x = torch.randn(p, n, dtype=dt, generator=g)
+        U = torch.randn(m, r, dtype=dt, generator=g) / r**0.5
+        V = torch.randn(n, r, dtype=dt, generator=g) / n**0.5
+        s = 0.5 + torch.rand(r, dtype=dt, generator=g)
+        b = torch.randn(m, dtype=dt, generator=g)
+        b[1], b[3], b[4] = -INF, INF, float("nan")
+        for act in ref.ACTIVATIONS:
+            for slope in (0.1, 0.0):
+                h, _ = emu.lowrank_linear(x, U, s, V, b, act, slope)
+                want = _torch_act(ref.lowrank_linear(*(v.double() for v in (x, U, s, V, b)))[0],
+                                  act, slope)
+                what = f"{(p, n, m, r)} {act} slope={slope}"
+                assert torch.equal(h.isnan(), want.isnan()), what
+                torch.testing.assert_close(h.double(), want, rtol=TOL[dt], atol=TOL[dt] * 10,
+                                           equal_nan=True, msg=lambda msg, w=what: f"{w}: {msg}")
+
+
+def test_emulated_dfa_project_grads_at_infinity(emu):
+    """f'(a) read from h = f(a) at a = ±inf is autograd's (every kernel path of the op)."""
+    g = gen(5)
+    for spatial in ((), (2,)):
+        p, d, C, k = 5, 6, 4, 4
+        e = torch.randn(p, C, dtype=torch.float64, generator=g)
+        P = torch.randn(d, k, dtype=torch.float64, generator=g)
+        Q = torch.randn(C, k, dtype=torch.float64, generator=g)
+        sigma = torch.rand(k, dtype=torch.float64, generator=g)
+        a = torch.randn((p, d) + spatial, dtype=torch.float64, generator=g)
+        flat = a.view(p, -1)
+        flat[0, 1], flat[2, 3], flat[4, 0] = -INF, INF, -INF
+        dh = ref.feedback_signal(e, P, sigma, Q)
+        dhv = dh.reshape(dh.shape + (1,) * len(spatial)).expand(a.shape)
+        for act in ref.ACTIVATIONS:
+            leaf = a.clone().requires_grad_()
+            h = _torch_act(leaf, act, 0.2)
+            (want,) = torch.autograd.grad(h, leaf, dhv)
+            got = emu.dfa_project(e, P, sigma, Q, h.detach(), None, act, 0.2, 0.0)
+            assert not got.isnan().any(), f"{act} {spatial}"
+            _close(f"delta {act} {spatial}", got, want, torch.float64)
+
+
+def test_emulated_dfa_project_empty_batch(emu):
+    """p = 0: an empty delta of h's shape, with and without the cosine term (as the reference)."""
+    for spatial in ((), (3, 2)):
+        e, P, sigma, Q = torch.randn(0, 4), torch.randn(5, 4), torch.rand(4), torch.randn(4, 4)
+        a = torch.randn((0, 5) + spatial)
+        h = torch.relu(a)
+        for cos in (0.0, 0.5):
+            got = emu.dfa_project(e, P, sigma, Q, h, a if cos else None, "relu", 0.01, cos)
+            want = ref.dfa_project(e, P, sigma, Q, h, "relu", 0.01, a, cos)
+            assert got.shape == want.shape == h.shape and got.dtype == want.dtype
+
+
+@pytest.mark.parametrize("sms", [132, 1], ids=["sms132", "sms1"])
+def test_emulated_svd_factor_grads_ortho_term_alone(emu, sms):
+    """delta = 0, align = hoyer = 0, factors off the manifold: only the ortho penalty is left,
+    checked against autograd of ortho·(‖UᵀU − I‖² + ‖VᵀV − I‖²) (projected under ``paper``)."""
+    emu.set_sm_count(sms)
+    g = gen(6)
+    try:
+        for p, n, m, r in ((9, 12, 10, 4), (600, 65, 70, 20)):
+            x = torch.randn(p, n, dtype=torch.float64, generator=g)
+            U = torch.randn(m, r, dtype=torch.float64, generator=g) / 2
+            V = torch.randn(n, r, dtype=torch.float64, generator=g) / 2
+            s = 0.5 + torch.rand(r, dtype=torch.float64, generator=g)
+            delta = torch.zeros(p, m, dtype=torch.float64)
+            Ul, Vl = U.clone().requires_grad_(), V.clone().requires_grad_()
+            eye = torch.eye(r, dtype=torch.float64)
+            pen = 0.7 * ((Ul.t() @ Ul - eye).pow(2).sum() + (Vl.t() @ Vl - eye).pow(2).sum())
+            oU, oV = torch.autograd.grad(pen, (Ul, Vl))
+            for proj in ref.PROJECTIONS:
+                wU, wV = (oU - U @ (U.t() @ oU), oV - V @ (V.t() @ oV)) if proj == "paper" else (oU, oV)
+                gU, gs, gV, gb = emu.svd_factor_grads(x, x @ V, delta, U, s, V, None, None, None, 1.0,
+                                                      0.0, 0.7, 0.0, 1e-3, "euclidean", proj, 1e-6)
+                _close(f"gU {(p, n, m, r)} {proj}", gU, wU, torch.float64)
+                _close(f"gV {(p, n, m, r)} {proj}", gV, wV, torch.float64)
+                assert not gs.any() and not gb.any()
+    finally:
+        emu.set_sm_count(132)

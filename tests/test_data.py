@@ -180,6 +180,75 @@ def test_cifar_rejects_a_malformed_batch(c10):
         data.cifar10(root)
 
 
+class _Calls:
+    """Pickles as a call of ``fn(*args)``: what a crafted file runs on a plain ``pickle.load``."""
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __reduce__(self):
+        return self.fn, self.args
+
+
+@pytest.mark.parametrize("file,protocol", [("batches.meta", 2), ("data_batch_2", 2), ("test_batch", 4)])
+@pytest.mark.parametrize("call", ["system", "eval", "popen"])
+def test_cifar_pickle_naming_a_callable_is_refused_and_nothing_runs(c10, file, protocol, call):
+    import builtins
+    import subprocess
+
+    root, _ = c10
+    marker = root / "ran"
+    fn, args, name = {"system": (os.system, (f"touch {marker}",), r"(posix|os|nt)\.system"),
+                      "eval": (builtins.eval, (f"open({str(marker)!r}, 'w').close()",), r"\S*\.eval"),
+                      "popen": (subprocess.Popen, (["touch", str(marker)],), r"\S*\.Popen")}[call]
+    path = root / "cifar-10-batches-py" / file
+    with open(path, "wb") as f:
+        pickle.dump({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1], b"label_names": [b"a"],
+                     b"x": _Calls(fn, *args)}, f, protocol=protocol)
+    with pytest.raises(pickle.UnpicklingError, match=rf"{file}: refused to load the global {name}") as info:
+        data.cifar10(root)
+    assert call != "popen" or "subprocess.Popen" in str(info.value)  # Python 2 names shown as Python 3's
+    assert not marker.exists()  # the call never happened
+
+
+def test_cifar_pickles_of_every_numpy_spelling_and_protocol_load(tmp_path):
+    """Real archives (Python 2, numpy 1: ``numpy.core.multiarray``) and files re-saved by Python 3
+    (``_codecs.encode`` bytes, ``numpy._core``, protocols 2–5) load; so do sets and numpy scalars."""
+    x = np.arange(2 * 3072, dtype=np.uint8).reshape(2, 3072)
+    obj = {b"data": x, b"labels": [np.int64(3), 1], b"names": {b"a", b"b"}, b"f": 1.5, b"c": 1j}
+    for protocol in (2, 3, 4, 5):
+        raw = pickle.dumps(obj, protocol=protocol)
+        # GLOBAL opcodes (protocol < 4) spell "module name\n": the numpy 1 spelling is a text swap
+        spellings = (b"numpy._core.", b"numpy.core.") if protocol < 4 else (b"numpy._core.",)
+        for i, module in enumerate(spellings):
+            path = tmp_path / f"p{protocol}-{i}"
+            path.write_bytes(raw.replace(b"numpy._core.", module))
+            back = data._unpickle(str(path))
+            assert np.array_equal(back[b"data"], x) and back[b"data"].dtype == np.uint8
+            assert back[b"labels"] == [3, 1] and back[b"names"] == {b"a", b"b"} and back[b"c"] == 1j
+    py2 = (b"\x80\x02}q\x00(U\x04dataq\x01cnumpy.core.multiarray\n_reconstruct\nq\x02cnumpy\nndarray\n"
+           b"q\x03K\x00\x85U\x01b\x87Rq\x04(K\x01K\x02\x85cnumpy\ndtype\nq\x05U\x02u1K\x00K\x01\x87Rq\x06"
+           b"(K\x03U\x01|NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb\x89U\x02\x07\x09tbU\x06labels]q\x07"
+           b"(K\x01K\x02eu.")  # a Python 2 cPickle of {"data": uint8 [7, 9], "labels": [1, 2]}
+    (tmp_path / "py2").write_bytes(py2)
+    back = data._unpickle(str(tmp_path / "py2"))
+    assert back[b"data"].tolist() == [7, 9] and back[b"labels"] == [1, 2]
+
+
+def test_cli_refuses_a_tampered_cifar_file_before_writing(c10, capsys):
+    root, _ = c10
+    with open(root / "cifar-10-batches-py" / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": _Calls(os.system, "true")}, f, protocol=2)
+    out = root / "run"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["train", "--dataset", "cifar10", "--data-root", str(root), "--epochs", "1", "--quiet",
+                  "--out", str(out)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "batches.meta: refused to load the global" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- augmentation
 
 

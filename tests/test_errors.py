@@ -163,3 +163,11 @@ def test_direct_native_op_calls_are_checked_too():
         torch.ops.ssa_kernels.lowrank_linear_native(x, U, s, V[:4], b, "none", 0.0)
     with pytest.raises(ValueError, match="activation must be one of"):
         torch.ops.ssa_kernels.lowrank_linear_native(x, U, s, V, b, "gelu", 0.0)
+
+
+def test_available_backends_refuses_an_unknown_device_or_op():
+    assert "reference" in ssa_kernels.available_backends("cpu", "lowrank_conv2d")
+    with pytest.raises(ValueError, match="device must be"):
+        ssa_kernels.available_backends("nope")
+    with pytest.raises(ValueError, match="op must be one of .*'nope'"):
+        ssa_kernels.available_backends("cpu", "nope")

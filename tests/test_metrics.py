@@ -296,15 +296,20 @@ def test_bad_input_is_refused_naming_the_argument(digits):
         metrics.gradient_alignment(tr, x, y[:3])
     with pytest.raises(TypeError, match="trainer"):
         metrics.matrix_alignment(tr.model)
-    tr.method = "nope"
-    with pytest.raises(ValueError, match="'nope'"):
+    tr.rule = object()  # not a method: metrics ask the method for its cost and feedback
+    with pytest.raises(TypeError, match="method object"):
         metrics.training_flops(tr, (64, 1, 8, 8))
-    with pytest.raises(ValueError, match="'nope'"):
+    with pytest.raises(TypeError, match="method object"):
         metrics.matrix_alignment(tr)
 
 
-def test_flop_methods_are_the_trainer_methods():
-    assert sorted(ssa.metrics.FLOP_METHODS) == sorted(METHODS)
+def test_every_method_owns_its_flop_model_and_feedback_kind():
+    from ssa.methods import REGISTRY, Method
+
+    assert sorted(REGISTRY) == sorted(METHODS)
+    for name, cls in REGISTRY.items():
+        assert cls.layer_flops is not Method.layer_flops, name
+        assert cls.feedback_kind in (None, "direct", "layer"), name
 
 
 def test_cpu_peak_bytes_drops_the_profilers_chatter_and_keeps_other_stderr():

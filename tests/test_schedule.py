@@ -280,3 +280,113 @@ def test_trainer_default_schedule_is_made_by_fit():
     assert t.schedule is None and t.ranks()["1"] == 10
     with pytest.raises(ValueError, match="schedule"):
         ssa.Trainer(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), 10, schedule="fast")
+
+
+# ------------------------------------------------------------------ boundaries (mutation-testing blind spots)
+# The energy criterion at an exact tie: "smallest r with Σ_{j<r} s_j² ≥ energy · Σ s_j²" (DESIGN §8), so a
+# prefix holding exactly ``energy`` of the energy is enough. Powers of two (and integers) keep every
+# sum exact in floating point; the last three are ties that float arithmetic on ``energy`` misses
+# (0.55 · 220 = 121.00000000000001 in floats), read exactly like zeta and min_fraction.
+ENERGY_TIES = [  # s (descending), energy, the rank DESIGN §8 asks for
+    ((2, 1, 1, 1, 1), 0.5, 1),  # s² = 4, 1, 1, 1, 1: 4 of 8
+    ((2, 1, 1, 1, 1), 0.625, 2),  # 5 of 8
+    ((2, 1, 1, 1, 1), 0.75, 3),  # 6 of 8
+    ((2, 1, 1, 1, 1), 0.875, 4),  # 7 of 8: one below the rank
+    ((2, 1, 1, 1, 1), 1.0, 5),  # the whole rank: frozen, not cut
+    ((0.5, 0.25, 0.25, 0.25, 0.25), 0.625, 2),  # s² = 1/4, 1/16 ×4: 5/16 of 1/2
+    ((1, 1, 0, 0), 1.0, 2),  # zero singular values hold no energy: the first r reaching all of it
+    ((1, 1, 0, 0), 0.5, 1),
+    ((11, 9, 3, 3), 0.55, 1),  # s² = 121, 81, 9, 9: 121 = 0.55 · 220 exactly
+    ((14, 12, 3, 1), 0.56, 1),  # 196 = 0.56 · 350
+    ((45, 21, 5, 3), 0.81, 1),  # 2025 = 0.81 · 2500
+]
+
+
+@pytest.mark.parametrize("s,energy,want", ENERGY_TIES, ids=[f"{c[0]}-{c[1]}" for c in ENERGY_TIES])
+def test_energy_criterion_at_an_exact_tie(s, energy, want):
+    r0 = len(s)
+    # One cut after the only epoch: the linear target is 0 <= zeta·r0, so the energy check decides;
+    # floor 1 and cap (64·64)//128 = 32 leave its rank as it is.
+    sched = ssa.RankSchedule(1, interval=1, energy=energy, min_fraction=0.1)
+    layer = FakeLayer(s, 64, 64)
+    new = sched.step_layer(layer, 0)
+    assert ("reorthonormalize", True) in layer.calls
+    if want < r0:
+        assert new == layer.rank == want and not layer.frozen_rank
+        assert layer.calls[-1] == ("truncate", want)
+    else:
+        assert new is None and layer.rank == r0 and layer.frozen_rank
+        assert ("truncate", want) not in layer.calls
+    assert spec(s, 64, 64, 1, 1, 0.7, energy, 0.1, 0, True)[0][:3] == (new, layer.rank, layer.frozen_rank)
+
+
+@pytest.mark.parametrize("s,energy,want", ENERGY_TIES, ids=[f"{c[0]}-{c[1]}" for c in ENERGY_TIES])
+def test_energy_rank_at_an_exact_tie(s, energy, want):
+    sched = ssa.RankSchedule(1, energy=energy)
+    assert sched.energy_rank(torch.tensor(s, dtype=torch.float64)) == want
+    assert sched.energy_rank(torch.tensor(s, dtype=torch.float32)) == want  # a layer's s is fp32
+    if energy < 1:  # a tie: a hair more of the energy needs the next singular value
+        assert ssa.RankSchedule(1, energy=energy + 1e-9).energy_rank(torch.tensor(s)) == want + 1
+
+
+def test_energy_criterion_of_float32_singular_values():
+    # A layer's s is fp32; its squares are exact in fp64 and in the integer arithmetic alike.
+    s = torch.tensor([1.5, 1.0, 1.0, 0.5], dtype=torch.float32)  # s² = 2.25, 1, 1, 0.25: 4.5
+    assert ssa.RankSchedule(1, energy=0.5).energy_rank(s) == 1  # 2.25 = 0.5 · 4.5: a tie
+    assert ssa.RankSchedule(1, energy=0.6).energy_rank(s) == 2  # 2.7 needs 3.25
+    s = torch.tensor([2.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float32)
+    assert [ssa.RankSchedule(1, energy=e).energy_rank(s) for e in (0.5, 0.625, 0.75, 0.875, 1.0)] == [
+        1, 2, 3, 4, 5]
+    with pytest.raises(FloatingPointError, match="not finite"):
+        ssa.RankSchedule(1).energy_rank(torch.tensor([1.0, float("nan")]))
+
+
+def _epochs(sched, upto):
+    cuts = [E for E in range(upto) if sched.is_cut_epoch(E)]
+    hoyer = [E for E in range(upto) if sched.hoyer_active(E)]
+    return cuts, hoyer
+
+
+HOYER_BOUNDARIES = {  # (K, interval, start_epoch, stop_epoch): cut epochs, Hoyer epochs
+    "last cut at K-1": ((30, 10, 0, None), [9, 19, 29], list(range(30))),
+    "next cut at K": ((29, 10, 0, None), [9, 19], list(range(20))),  # 20-28 precede no cut
+    "one epoch past": ((31, 10, 0, None), [9, 19, 29], list(range(30))),  # 30 precedes none
+    "single cut at K-1": ((10, 10, 0, None), [9], list(range(10))),
+    "no cut": ((9, 10, 0, None), [], []),  # the first cut would be after epoch 9 = K
+    "start, cut at K-1": ((23, 10, 3, None), [12, 22], list(range(3, 23))),
+    "start, next cut at K": ((22, 10, 3, None), [12], list(range(3, 13))),
+    "stop, cut at stop-1": ((30, 10, 0, 20), [9, 19], list(range(20))),
+    "stop, next cut at stop": ((30, 10, 0, 19), [9], list(range(10))),
+    "every epoch": ((6, 1, 0, None), [0, 1, 2, 3, 4, 5], [0, 1, 2, 3, 4, 5]),
+    "every epoch, stop": ((6, 1, 2, 4), [2, 3], [2, 3]),
+    "interval 2, odd span": ((7, 2, 0, None), [1, 3, 5], [0, 1, 2, 3, 4, 5]),
+}
+
+
+@pytest.mark.parametrize("case", list(HOYER_BOUNDARIES))
+def test_hoyer_and_cut_epochs_at_the_end_of_the_schedule(case):
+    (K, interval, start, stop), cuts, hoyer = HOYER_BOUNDARIES[case]
+    sched = ssa.RankSchedule(K, interval=interval, start_epoch=start, stop_epoch=stop)
+    # Past the end too: nothing is cut or penalised after the schedule ends.
+    assert _epochs(sched, K + 2 * interval + 2) == (cuts, hoyer)
+    # step_layer cuts exactly at those epochs: floor 1, the energy check (only at a target of 0, at the
+    # end of the decay) keeps 1 of the geometric profile, so every cut epoch cuts.
+    layer = FakeLayer(profile("geometric", 40), 200, 200)
+    sched = ssa.RankSchedule(K, interval=interval, start_epoch=start, stop_epoch=stop, min_fraction=0.01,
+                             energy=0.3, zeta=0.01)
+    assert [E for E in range(K) if sched.step_layer(layer, E) is not None] == cuts
+
+
+@pytest.mark.parametrize("K", range(1, 23))
+def test_hoyer_epochs_are_the_interval_before_each_cut(K):
+    """DESIGN §8 read literally, for every start/stop/interval of short runs: cuts after the epochs E
+    with (E − start + 1) % interval == 0 before the end; Hoyer on in the ``interval`` epochs ending
+    with a cut (the cut comes at the end of its epoch)."""
+    for interval in range(1, K + 3):
+        for start in range(K):
+            for stop in [None, *range(start + 1, K + 1)]:
+                sched = ssa.RankSchedule(K, interval=interval, start_epoch=start, stop_epoch=stop)
+                end = K if stop is None else stop
+                cuts = [E for E in range(start, end) if (E - start + 1) % interval == 0]
+                hoyer = [E for E in range(K + interval + 1) if any(c - interval < E <= c for c in cuts)]
+                assert _epochs(sched, K + interval + 1) == (cuts, hoyer), (K, interval, start, stop)

@@ -21,9 +21,13 @@ MIN_DOT = 16
 
 @triton.jit
 def activate(a, ACT: tl.constexpr, slope):
-    """``f(a)`` on an fp32 tile. tanh is ``2 σ(2a) − 1``: not every Triton has tl.tanh."""
+    """``f(a)`` on an fp32 tile. tanh is ``2 σ(2a) − 1``: not every Triton has tl.tanh.
+
+    As torch: relu(−inf) = 0, leaky_relu(−inf) = −inf, tanh(±inf) = ±1, NaN propagates
+    (relu tests ``a <= 0``, false for NaN).
+    """
     if ACT == 1:
-        a = tl.where(a > 0, a, 0.0)
+        a = tl.where(a <= 0, 0.0, a)
     elif ACT == 2:
         a = tl.where(a > 0, a, a * slope)
     elif ACT == 3:

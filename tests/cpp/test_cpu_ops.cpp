@@ -2,7 +2,11 @@
 // DESIGN.md (§3, §5, §6), in float64. Run by ctest (see CMakeLists.txt).
 #include <ATen/ATen.h>
 
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cmath>
 #include <cstdio>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -82,6 +86,108 @@ void test_svd_factor_grads() {
   auto gUs = std::get<0>(res);
   auto skew = at::mm(U.t(), gUs) + at::mm(gUs.t(), U);
   expect_close("svd_factor_grads stiefel: U^T gU + gU^T U = 0", skew, at::zeros_like(skew));
+  // delta = 0, align = 0, U and V off the manifold: only the ortho penalty is left,
+  // 4·ortho·U(UᵀU − I) (= ∇_U ortho‖UᵀU − I‖²) under none and stiefel (added after the
+  // projection), (I − UUᵀ) of it under paper.
+  {
+    auto Uo = at::randn({m, r}, at::kDouble) * 0.5, Vo = at::randn({n, r}, at::kDouble) * 0.5;
+    auto zero = at::zeros({p, m}, at::kDouble);
+    const double ortho = 0.7;
+    auto eye = at::eye(r, at::kDouble);
+    auto OU = at::mm(Uo, at::mm(Uo.t(), Uo) - eye) * (4 * ortho);
+    auto OV = at::mm(Vo, at::mm(Vo.t(), Vo) - eye) * (4 * ortho);
+    for (const char* proj : {"none", "stiefel", "paper"}) {
+      auto g = ssa::svd_factor_grads_cpu(x, at::mm(x, Vo), zero, Uo, s, Vo, std::nullopt,
+                                         std::nullopt, std::nullopt, 1.0, 0.0, ortho, 0.0, 1e-3,
+                                         "euclidean", proj, 1e-6);
+      const bool paper = std::string(proj) == "paper";
+      auto wU = paper ? OU - at::mm(Uo, at::mm(Uo.t(), OU)) : OU;
+      auto wV = paper ? OV - at::mm(Vo, at::mm(Vo.t(), OV)) : OV;
+      expect_close(std::string("svd_factor_grads ortho alone, ") + proj + ": gU", std::get<0>(g), wU);
+      expect_close(std::string("svd_factor_grads ortho alone, ") + proj + ": gV", std::get<2>(g), wV);
+    }
+  }
+}
+
+// f(a) at ±inf and NaN as torch gives it (relu(−inf) = 0, not −inf·0 = NaN), and f'(a)
+// read from h = f(a) as autograd gives it; then through the op, with a ±inf bias.
+template <typename T>
+void check_activations_at_infinity(const char* dtype, at::ScalarType st) {
+  const T inf = std::numeric_limits<T>::infinity();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T slope = T(0.1);
+  auto a = at::tensor(std::vector<T>{-inf, inf, nan, T(-2), T(0), T(3)}, at::TensorOptions(st));
+  auto leaf = a.clone().set_requires_grad(true);
+  auto autograd = [&](const at::Tensor& out) {
+    return torch::autograd::grad({out}, {leaf}, {at::ones_like(a)})[0].detach();
+  };
+  struct Case {
+    const char* name;
+    ssa::Act act;
+    at::Tensor h, dh;
+  };
+  std::vector<Case> cases;
+  cases.push_back({"relu", ssa::Act::Relu, at::relu(a), autograd(at::relu(leaf))});
+  cases.push_back({"leaky_relu", ssa::Act::LeakyRelu, at::leaky_relu(a, slope),
+                   autograd(at::leaky_relu(leaf, slope))});
+  cases.push_back({"tanh", ssa::Act::Tanh, at::tanh(a), autograd(at::tanh(leaf))});
+  cases.push_back({"sigmoid", ssa::Act::Sigmoid, at::sigmoid(a), autograd(at::sigmoid(leaf))});
+  for (auto& c : cases) {
+    const T* ap = a.template data_ptr<T>();
+    const T* hp = c.h.template data_ptr<T>();
+    const T* gp = c.dh.template data_ptr<T>();
+    bool ok = true;
+    for (int64_t i = 0; i < a.numel(); ++i) {
+      const T got = ssa::act_forward<T>(ap[i], c.act, slope);
+      const bool same = std::isnan(hp[i]) ? std::isnan(got) : std::abs(got - hp[i]) <= T(1e-6) ||
+                                                                  got == hp[i];
+      if (!same) {
+        std::printf("  act_forward %s(%g) = %g, torch %g\n", c.name, double(ap[i]), double(got),
+                    double(hp[i]));
+        ok = false;
+      }
+      if (std::isnan(ap[i])) continue;  // f' at NaN is not part of the contract
+      const T g = ssa::act_grad_from_output<T>(hp[i], c.act, slope);
+      if (std::isnan(g) || std::abs(g - gp[i]) > T(1e-6)) {
+        std::printf("  act_grad_from_output %s at a = %g: %g, autograd %g\n", c.name,
+                    double(ap[i]), double(g), double(gp[i]));
+        ok = false;
+      }
+    }
+    const std::string what = std::string("activations at +-inf, NaN: ") + c.name + " " + dtype;
+    std::printf("%-48s %s\n", what.c_str(), ok ? "ok" : "FAILED");
+    if (!ok) ++failures;
+  }
+}
+
+void test_activations_at_infinity() {
+  check_activations_at_infinity<float>("fp32", at::kFloat);
+  check_activations_at_infinity<double>("fp64", at::kDouble);
+  const int64_t p = 5, n = 6, m = 4, r = 3;
+  const double inf = std::numeric_limits<double>::infinity();
+  auto x = at::randn({p, n}, at::kDouble);
+  auto U = orthonormal(m, r), V = orthonormal(n, r);
+  auto s = at::rand({r}, at::kDouble) + 0.5;
+  auto b = at::randn({m}, at::kDouble);
+  b[0] = -inf;
+  b[2] = inf;
+  auto a = at::mm(at::mm(x, V) * s, U.t()) + b;
+  for (auto st : {at::kFloat, at::kDouble}) {
+    const std::string dt = st == at::kFloat ? " fp32" : " fp64";
+    auto h = std::get<0>(ssa::lowrank_linear_cpu(x.to(st), U.to(st), s.to(st), V.to(st), b.to(st),
+                                                 "relu", 0.0))
+                 .to(at::kDouble);
+    const bool no_nan = !at::isnan(h).any().item<bool>();
+    std::printf("%-48s %s\n", ("lowrank_linear relu, -inf bias: no NaN" + dt).c_str(),
+                no_nan ? "ok" : "FAILED");
+    if (!no_nan) ++failures;
+    auto inf_a = at::isinf(a);
+    expect_close("lowrank_linear relu, +-inf bias: finite part" + dt,
+                 at::where(inf_a, at::zeros_like(h), h), at::where(inf_a, at::zeros_like(a), at::relu(a)),
+                 1e-5);
+    expect_close("lowrank_linear relu, +-inf bias: which are inf" + dt, at::isinf(h).to(at::kDouble),
+                 (a == inf).to(at::kDouble));
+  }
 }
 
 // DESIGN §4: K'[(n,w),(c,h)] = K[n,c,h,w] = U diag(s) V^T, forward = two convolutions.
@@ -119,6 +225,7 @@ int main() {
   at::manual_seed(0);
   test_lowrank_linear();
   test_dfa_project();
+  test_activations_at_infinity();
   test_svd_factor_grads();
   test_conv();
   if (failures) std::printf("%d check(s) FAILED\n", failures);
