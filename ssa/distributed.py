@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-__all__ = ["all_reduce_mean", "DEFAULT_BUCKET_BYTES"]
+__all__ = ["all_reduce_mean", "from_rank0", "DEFAULT_BUCKET_BYTES"]
 
 #: Bucket size of :func:`all_reduce_mean` (the default of ``DistributedDataParallel``).
 DEFAULT_BUCKET_BYTES = 25 * 2**20
@@ -118,3 +118,21 @@ def _buckets(grads: list[Tensor], bucket_bytes: int) -> list[list[Tensor]]:
         if bucket:
             out.append(bucket)
     return out
+
+
+def from_rank0(value, group=None):
+    """Rank 0's ``value`` on every rank (a small picklable object: a number, ``None``, a flag).
+
+    For decisions every rank must take alike although each computed its own input — whether the
+    validation accuracy improved, so that every rank joins the same collective checkpoint write.
+    Returns ``value`` unchanged when ``torch.distributed`` is not initialised or has one rank.
+    Every rank of ``group`` must call it (a collective).
+    """
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return value
+    box = [value]
+    src = dist.get_global_rank(group, 0) if group is not None else 0
+    dist.broadcast_object_list(box, src=src, group=group)
+    return box[0]
+

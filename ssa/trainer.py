@@ -176,6 +176,10 @@ class Trainer:
         """The method's fixed random matrices by name (dense DFA feedback ``B``; sgr's ETF heads)."""
         return getattr(self.rule, "matrices", {})
 
+    @property
+    def memory(self) -> str:
+        return getattr(self.rule, "memory", "store")
+
     # ------------------------------------------------------------------ queries
     def ssa_layers(self) -> dict[str, SSALayer]:
         """The model's SSA layers (:class:`SSALinear`, :class:`SSAConv2d`) by qualified name."""
@@ -384,8 +388,9 @@ class Trainer:
                     msg += f", val acc {val['acc']:.4f}"
                 (tqdm.write if tqdm is not None else print)(msg)
             if checkpoint_dir:
-                if val.get("acc") is not None and val["acc"] > self.best_acc:
-                    self.best_acc = val["acc"]
+                acc = distributed.from_rank0(val.get("acc"))  # every rank decides alike: a collective write
+                if acc is not None and acc > self.best_acc:
+                    self.best_acc = acc
                     # best.pt first: a run that dies before latest.pt redoes this epoch and rewrites it
                     self.save_checkpoint(os.path.join(checkpoint_dir, "best.pt"), train_loader)
                 self.save_checkpoint(latest, train_loader)

@@ -435,6 +435,32 @@ def test_distributed_ranks_agree_with_one_process_on_the_whole_batch(tmp_path):
     assert_same(p0, params(tr.model), rtol=1e-5, atol=1e-6)
 
 
+def _dist_fit_worker(rank, world, x, y, folder, epochs, resume):
+    torch.manual_seed(0)
+    tr = ssa.Trainer(mlp(), 5, seed=4)
+    half = x.shape[0] // world
+    data = [(x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])]
+    tr.fit(data, epochs, val_loader=data, checkpoint_dir=folder, resume=resume)
+    torch.save(params(tr.model), os.path.join(folder, f"params.{rank}"))
+    torch.save(torch.tensor(tr.best_acc), os.path.join(folder, f"best.{rank}"))
+
+
+def test_distributed_fit_writes_checkpoints_once_and_resumes_on_every_rank(tmp_path):
+    """Under torchrun every rank used to write the same latest.pt.tmp (FileNotFoundError on one)."""
+    x, y = batch(p=16)
+    folder = str(tmp_path / "run")
+    run_distributed(_dist_fit_worker, 2, x, y, folder, 2, False, timeout=120)
+    assert sorted(os.listdir(folder)) == ["best.0", "best.1", "best.pt", "latest.pt", "params.0",
+                                          "params.1"]  # no temporaries
+    straight = torch.load(os.path.join(folder, "params.0"))
+    assert_same(straight, torch.load(os.path.join(folder, "params.1")))
+    run_distributed(_dist_fit_worker, 2, x, y, folder, 3, True, timeout=120)  # both ranks resume
+    assert ssa.checkpoint.load(os.path.join(folder, "latest.pt"))["epoch"] == 3
+    assert_same(torch.load(os.path.join(folder, "params.0")), torch.load(os.path.join(folder, "params.1")))
+    # each rank validated on its own half: every rank follows rank 0's accuracy (one collective write)
+    assert torch.load(os.path.join(folder, "best.0")) == torch.load(os.path.join(folder, "best.1"))
+
+
 # ---------------------------------------------------------------------- bad input
 
 def test_bad_input_is_refused_clearly():
