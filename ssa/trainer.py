@@ -24,7 +24,7 @@ from .convert import paper_init
 from .layers import SSALayer
 from .local.update import output_error
 from .loss import LossConfig
-from .methods.base import check_batch, check_output
+from .methods.base import check_batch, check_output, finite_number, restore_buffers, snapshot_buffers
 from .methods.svd_bp import svd_penalty
 from .optim import DEFAULT_FACTOR_LR, OPTIMIZERS, check_factor_lr, make_optimizer, make_scheduler  # noqa: F401
 from .schedule import RankSchedule
@@ -116,7 +116,7 @@ class Trainer:
             raise ValueError(f"Trainer: a rank schedule needs method='ssa', got {method!r}")
         _check_int_or_none("reorth_every", reorth_every)
         _check_int_or_none("align_every", align_every)
-        if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and math.isfinite(lr) and lr > 0):
+        if not (finite_number(lr) and lr > 0):
             raise ValueError(f"Trainer: lr must be a positive finite number, got {lr!r}")
         if init not in INITS:
             raise ValueError(f"Trainer: init must be one of {INITS}, got {init!r}")
@@ -255,15 +255,12 @@ class Trainer:
         x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        stats = [(b, b.clone()) for m in self.model.modules() if not isinstance(m, SSALayer)
-                 for b in m.buffers(recurse=False)]  # norm statistics, put back if the step fails
+        stats = snapshot_buffers(self.model)  # norm statistics, put back if the step fails
         self.rule.step_count, self.rule.epoch = self.step_count, self.epoch
         try:
             z, loss = self.rule.gradients(self.model, x, y)
         except FloatingPointError:
-            with torch.no_grad():
-                for buf, saved in stats:
-                    buf.copy_(saved)
+            restore_buffers(stats)
             self.optimizer.zero_grad(set_to_none=True)
             raise
         distributed.all_reduce_mean(self.rule.parameters(self.model))

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..layers import SSALayer
 from ..loss import LossConfig
 
-__all__ = ["Context", "Method", "UnitMethod", "check_batch", "check_output", "cross_entropy"]
+__all__ = ["Context", "Method", "UnitMethod", "check_batch", "check_output", "cross_entropy",
+           "restore_buffers", "snapshot_buffers"]
 
 
 @dataclass(frozen=True)
@@ -173,6 +175,20 @@ class UnitMethod(Method):
     def load_state_dict(self, state: dict) -> None:
         device = next((p.device for u in self.units for p in u.head.parameters()), torch.device("cpu"))
         self.matrices.update({k: v.to(device) for k, v in state.get("feedback", {}).items()})
+
+
+def snapshot_buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """Copies of the buffers a forward may change (norm statistics, a user's running averages):
+    every buffer outside SSA layers (theirs, targets and feedback, never change in a forward)."""
+    return [(b, b.clone()) for m in model.modules() if not isinstance(m, SSALayer)
+            for b in m.buffers(recurse=False)]
+
+
+@torch.no_grad()
+def restore_buffers(snapshot: list[tuple[Tensor, Tensor]]) -> None:
+    """Put the buffers of :func:`snapshot_buffers` back as they were."""
+    for buf, saved in snapshot:
+        buf.copy_(saved)
 
 
 def finite_number(value) -> bool:

@@ -20,12 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from ..convert import to_dense
-from ..layers import SSALayer
 from ..local import recording
 from ..local.units import discover
 from ..local.update import dense_grads, output_error, spread, through_tail, width
 from ..metrics import dense_forward_flops, ssa_layer_costs
-from .base import UnitMethod, cross_entropy
+from .base import UnitMethod, cross_entropy, restore_buffers, snapshot_buffers
 
 __all__ = ["DFA", "DRTP", "MEMORY_MODES", "FEEDBACKS"]
 
@@ -106,18 +105,13 @@ class DFA(UnitMethod):
         """DESIGN §5 ``recompute``: a light forward for ``e``, then a forward that updates as it goes."""
         rng = torch.get_rng_state()
         cuda_rng = torch.cuda.get_rng_state_all() if x.is_cuda else None
-        # Buffers a forward may update (norm statistics, a user's running averages) are put back
-        # before the second forward; SSA layers' buffers (targets, feedback) never change in one.
-        stats = {f"{mn}.{bn}" if mn else bn: buf.clone() for mn, mod in model.named_modules()
-                 if not isinstance(mod, SSALayer) for bn, buf in mod.named_buffers(recurse=False)}
+        stats = snapshot_buffers(model)  # the second forward must see the same statistics
         self._clear()
         with self.recorder.tape("light"):
             z = model(x)
         loss, e = self._output_error(z, y, self.step_count)
         del z
-        for name, buf in model.named_buffers():  # the second forward must see the same statistics
-            if name in stats:
-                buf.copy_(stats[name])
+        restore_buffers(stats)
         torch.set_rng_state(rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)
