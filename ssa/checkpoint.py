@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import errno
+import glob
 import os
 import pickle
 import tempfile
@@ -31,7 +32,7 @@ from torch import Tensor, nn
 from .layers import ACTIVATIONS, TARGETS, SSALayer
 
 __all__ = ["FORMAT", "CheckpointError", "save", "load", "validate_model_state", "load_model_state",
-           "check_trainer_state"]
+           "check_trainer_state", "atomic_write", "write_text", "leftovers"]
 
 #: The ``"format"`` the trainer writes into its state dict (``Trainer.state_dict``).
 FORMAT = 1
@@ -94,6 +95,20 @@ def _new_file_mode(path: str) -> int:
 
 
 def _atomic_save(state, path: str) -> None:
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def atomic_write(path, write) -> None:
+    """Call ``write(f)`` on a binary file that then replaces ``path`` atomically.
+
+    A uniquely named temporary file in ``path``'s folder (``.<name>.<random>.tmp``), flushed and
+    ``fsync``-ed, moved over ``path`` with ``os.replace``, the folder ``fsync``-ed: a reader or a
+    crash sees the old file or the new one, never half of one; two writers never share a
+    temporary. On failure the temporary is removed and ``path`` is left as it was; a killed
+    process leaves it behind (:func:`leftovers` finds it). The new file keeps the mode of the one
+    it replaces, or ``0o666`` less the umask.
+    """
+    path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     base = os.path.basename(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=folder)
@@ -101,7 +116,7 @@ def _atomic_save(state, path: str) -> None:
         with os.fdopen(fd, "wb") as f:
             if hasattr(os, "fchmod"):
                 os.fchmod(f.fileno(), _new_file_mode(path))
-            torch.save(state, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -112,6 +127,17 @@ def _atomic_save(state, path: str) -> None:
             pass
         raise
     _fsync_dir(folder)
+
+
+def write_text(path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` with :func:`atomic_write` (results, histories, configs)."""
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def leftovers(path) -> list[str]:
+    """Temporaries of :func:`atomic_write` for ``path`` that a killed process left in its folder."""
+    folder, base = os.path.split(os.path.abspath(os.fspath(path)))
+    return sorted(glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(base)}.*.tmp")))
 
 
 def _fsync_dir(folder: str) -> None:

@@ -37,7 +37,7 @@ import time
 
 import torch
 
-from . import data, methods, models
+from . import checkpoint, data, methods, models
 from .loss import LossConfig
 from .schedule import RankSchedule
 from .trainer import METHODS, Trainer
@@ -192,9 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------- resume / overwrite
 # What ``train`` writes into --out (what --overwrite deletes, nothing else), besides <method>/*.pt.
-TRAIN_FILES = ("config.yaml", "results.json", "history.csv", "curves.png", "ranks.png", "ortho.png",
-               "config.yaml.tmp", "results.json.tmp", "history.csv.tmp")
-CHECKPOINT_FILES = ("latest.pt", "best.pt", "latest.pt.tmp", "best.pt.tmp")
+TRAIN_FILES = ("config.yaml", "results.json", "history.csv", "curves.png", "ranks.png", "ortho.png")
+CHECKPOINT_FILES = ("latest.pt", "best.pt")
 # Options of ``train`` that --resume takes from <out>/config.yaml when not given; given, they must
 # agree with it (what is trained) — except --epochs, which may grow, and RESUME_FREE (how and where
 # it runs: same numbers), which may change.
@@ -229,11 +228,13 @@ def _occupied(out: str, parser: argparse.ArgumentParser, args: argparse.Namespac
 
 
 def _remove(out: str, files, subfolders=()) -> None:
-    """Delete the files a command wrote into ``out`` (and ``<sub>/<checkpoint>``), nothing else."""
+    """Delete the files a command wrote into ``out`` (and ``<sub>/<checkpoint>``), with the temporaries a
+    killed write left of them (:func:`ssa.checkpoint.leftovers`), nothing else."""
     for name in files:
         path = os.path.join(out, name)
-        if os.path.isfile(path):
-            os.remove(path)
+        for found in [path] + checkpoint.leftovers(path):
+            if os.path.isfile(found):
+                os.remove(found)
     for sub in subfolders:
         folder = os.path.join(out, sub)
         if os.path.isdir(folder):
@@ -301,14 +302,6 @@ def _resume_train(args: argparse.Namespace, given: set[str], parser: argparse.Ar
                      "(--epochs may grow), or start anew with --overwrite or another --out")
 
 
-def _write_text(path: str, text: str) -> None:
-    """Write atomically: a kill leaves the old file or the new one, never half of one."""
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def _table(rows: list[dict]) -> str:
     head = ["method", "test acc", "top-5", "params", "ranks", "wall time"]
     body = [[r["method"], f"{100 * r['test_acc']:.2f} %", f"{100 * r['test_top5']:.2f} %", f"{r['params']:,}",
@@ -333,7 +326,7 @@ def _write_history(path: str, histories: dict[str, list[dict]]) -> None:
                 cells = [method] + [row.get(c) for c in cols[1:8]]
                 cells += [row["ranks"].get(n, "") for n in layers] + [row["ortho"].get(n, "") for n in layers]
                 w.writerow(["" if c is None else c for c in cells])
-        _write_text(path, f.getvalue())
+        checkpoint.write_text(path, f.getvalue())
 
 
 def train(args: argparse.Namespace) -> list[dict]:
@@ -355,7 +348,7 @@ def train(args: argparse.Namespace) -> list[dict]:
         _remove(args.out, TRAIN_FILES, METHODS)
     os.makedirs(args.out, exist_ok=True)
     config = {k: v for k, v in vars(args).items() if k not in ("command", "resume", "overwrite")}
-    _write_text(os.path.join(args.out, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
+    checkpoint.write_text(os.path.join(args.out, "config.yaml"), yaml.safe_dump(config, sort_keys=False))
     results, histories = [], {}
     for method in args.method:
         torch.manual_seed(args.seed)
@@ -388,7 +381,7 @@ def train(args: argparse.Namespace) -> list[dict]:
                         "best_test_acc": max((h["val_acc"] for h in hist), default=final["acc"]),
                         "params": trainer.param_count(), "ranks": trainer.ranks(), "wall_s": wall,
                         "epochs": len(hist)})
-    _write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
+    checkpoint.write_text(os.path.join(args.out, "results.json"), json.dumps(results, indent=2))
     _write_history(os.path.join(args.out, "history.csv"), histories)
     if args.plots:
         from . import plots

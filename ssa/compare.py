@@ -91,6 +91,7 @@ import copy
 import csv
 import dataclasses
 import inspect
+import io
 import json
 import math
 import os
@@ -100,7 +101,7 @@ import time
 
 import torch
 
-from . import data, methods, models
+from . import checkpoint, data, methods, models
 from . import trainer as _trainer
 from .loss import LossConfig
 from .methods.dfa import FEEDBACKS, MEMORY_MODES
@@ -731,21 +732,17 @@ def _write_history(path: str, results: list[dict]) -> None:
             if key not in _HISTORY_HEAD:
                 groups.setdefault(key.split("/", 1)[0] if "/" in key else "", {})[key] = None
     cols = _HISTORY_HEAD + [k for g in groups.values() for k in g]
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for variant, method, seed, flat in rows:
-            cells = [variant, method, seed] + [flat.get(c) for c in cols[3:]]
-            w.writerow(["" if c is None else c for c in cells])
-    os.replace(tmp, path)
+    f = io.StringIO(newline="")
+    w = csv.writer(f)
+    w.writerow(cols)
+    for variant, method, seed, flat in rows:
+        cells = [variant, method, seed] + [flat.get(c) for c in cols[3:]]
+        w.writerow(["" if c is None else c for c in cells])
+    checkpoint.write_text(path, f.getvalue())
 
 
 def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    checkpoint.write_text(path, json.dumps(obj, indent=1))
 
 
 # ---------------------------------------------------------------------------- the table
@@ -859,10 +856,8 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
                              f"this one (another config): {'; '.join(conflicts)}. Resume with the same "
                              "config, or write to another --out")
     os.makedirs(out, exist_ok=True)
-    tmp = os.path.join(out, "config.yaml.tmp")
-    with open(tmp, "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False, allow_unicode=True)
-    os.replace(tmp, os.path.join(out, "config.yaml"))
+    checkpoint.write_text(os.path.join(out, "config.yaml"), yaml.safe_dump(config, sort_keys=False,
+                                                                            allow_unicode=True))
     results = {"name": config["name"], "mode": mode, "config": config,
                "variants": [{"variant": v["name"], "method": v["method"], "settings": v["settings"],
                              **({"value": v["value"]} if "value" in v else {}), "runs": [], "summary": None}
@@ -920,9 +915,7 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
             _write_history(os.path.join(out, "history.csv"), results["variants"])
             del trainer, model
     table = format_table(results)
-    with open(os.path.join(out, "table.md.tmp"), "w") as f:
-        f.write(table + "\n")
-    os.replace(os.path.join(out, "table.md.tmp"), os.path.join(out, "table.md"))
+    checkpoint.write_text(os.path.join(out, "table.md"), table + "\n")
     written = ["config.yaml", "results.json", "history.csv", "table.md"]
     if plots:
         written += [os.path.basename(p) for p in _plots(results, out)]
@@ -938,8 +931,7 @@ def run(config, out: str, mode: str = "compare", quiet: bool = True, tensorboard
 RESUME_FREE = ("description", "data_root", "sweep", "ablation", "variants")
 # What run() writes into ``out`` (what the CLI's --overwrite deletes, nothing else).
 OUTPUT_FILES = ("config.yaml", "results.json", "history.csv", "table.md", "curves.png", "ranks.png",
-                "grad_angle.png", "matrix_angle.png", "costs.png", "params.png", "sweep.png",
-                "config.yaml.tmp", "results.json.tmp", "history.csv.tmp", "table.md.tmp")
+                "grad_angle.png", "matrix_angle.png", "costs.png", "params.png", "sweep.png")
 
 
 def recorded(out: str) -> tuple[dict, str | None, str] | None:

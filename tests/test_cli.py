@@ -162,8 +162,11 @@ def test_an_existing_output_folder_needs_resume_or_overwrite(tmp_path, capsys):
     assert (out / "results.json").read_text() == before
     _main_exit(args + ["--method", "bp", "--resume", "--overwrite"], capsys)  # not both
     (out / "mine.txt").write_text("kept")
+    (out / ".results.json.x1y2.tmp").write_text("")  # temporaries a killed write left behind
+    (out / "dfa" / ".latest.pt.z3.tmp").write_bytes(b"")
     ssa.cli.main(args + ["--method", "bp", "--overwrite"])
     assert not (out / "dfa").exists()  # the earlier run's checkpoints are gone, not resumed later
+    assert not (out / ".results.json.x1y2.tmp").exists()
     assert (out / "bp" / "latest.pt").exists() and (out / "mine.txt").read_text() == "kept"
     assert [r["method"] for r in json.loads((out / "results.json").read_text())] == ["bp"]
     (tmp_path / "file").write_text("")
